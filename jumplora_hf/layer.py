@@ -1,0 +1,173 @@
+"""`JumpLoraLinear`: PEFT's LoRA `Linear` with the JumpLoRA gate as a LoRA variant."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraVariant
+
+from .config import threshold_group
+from .gate import hard_threshold, jump_interpolated_delta, symmetric_jump_relu
+
+# log τ of a fresh adapter: τ = the smallest normal float32, so the gate is open (ΔW_jump = ΔW) until the
+# threshold is initialised at S_start, and an adapter saved before that still behaves as plain LoRA.
+OPEN_LOG_TAU = math.log(torch.finfo(torch.float32).tiny)
+
+
+class JumpLoraLinearVariant(LoraVariant):
+    """The JumpLoRA forward and merge, plugged into PEFT's LoRA variant mechanism."""
+
+    @staticmethod
+    def init(module: "JumpLoraLinear", adapter_name: str, config=None, target_name: str = "", **kwargs) -> None:
+        group = threshold_group(config.threshold_mode, target_name)
+        log_tau = config.shared_log_tau(adapter_name, group, target_name, module.get_base_layer().weight.device)
+        log_tau.requires_grad_(not config.inference_mode)
+        with torch.no_grad():
+            log_tau.fill_(OPEN_LOG_TAU)
+        module.lora_log_tau[adapter_name] = log_tau
+        module.jump_bandwidth[adapter_name] = config.jump_bandwidth
+        module.jump_threshold_group[adapter_name] = group
+        module.jump_gamma[adapter_name] = 0.0
+        module.jump_tau_ready[adapter_name] = False
+
+    @staticmethod
+    def merge_safe(module: "JumpLoraLinear", active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module: "JumpLoraLinear", active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module: "JumpLoraLinear", active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight.data - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(module: "JumpLoraLinear", active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
+        lora_A = module.lora_A[active_adapter]
+        lora_B = module.lora_B[active_adapter]
+        scaling = module.scaling[active_adapter]
+        gamma = module.jump_gamma[active_adapter]
+        if gamma <= 0.0:  # before S_start: exactly plain LoRA, and no d_out×d_in product
+            return result + lora_B(lora_A(x)) * scaling
+        delta = jump_interpolated_delta(
+            lora_B.weight @ lora_A.weight,
+            module.lora_log_tau[active_adapter],
+            gamma,
+            module.jump_bandwidth[active_adapter],
+        )
+        return result + F.linear(x, delta) * scaling
+
+
+class JumpLoraLinear(LoraLinear):
+    """A LoRA `Linear` whose update ΔW = B·A can be gated by a learnable symmetric JumpReLU threshold.
+
+    With `use_jumprelu=False` it is PEFT's plain LoRA layer (the IncLoRA / ELLA baselines). With it,
+    the forward adds β·((1−γ)ΔW + γ·ΔW_jump)·x, where γ (`jump_gamma`, set by the schedule callback)
+    and τ = exp(`lora_log_tau`) (one parameter per threshold group, shared between its layers).
+    The layer also keeps ELLA's W_past (sum of past tasks' ΔW_final) as a non-persistent buffer.
+    """
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
+        if not hasattr(self, "lora_log_tau"):
+            # Deliberately not in `adapter_layer_names`: PEFT re-creates those when it moves or casts an
+            # adapter, which would untie a τ shared by a threshold group. τ stays float32 and moves with
+            # the model like any other parameter; the "lora_" prefix still makes it trainable and saved.
+            self.lora_log_tau = torch.nn.ParameterDict()
+            self.jump_bandwidth: dict[str, float] = {}
+            self.jump_threshold_group: dict[str, str] = {}
+            self.jump_gamma: dict[str, float] = {}
+            self.jump_tau_ready: dict[str, bool] = {}
+            self.register_buffer("ella_w_past", None, persistent=False)
+        super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
+
+    @property
+    def lora_variants(self):
+        return {(): None, ("use_jumprelu",): JumpLoraLinearVariant}
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for state in (self.lora_log_tau, self.jump_bandwidth, self.jump_threshold_group, self.jump_gamma, self.jump_tau_ready):
+            state.pop(adapter_name, None)
+
+    def is_jump(self, adapter: str) -> bool:
+        return adapter in self.lora_log_tau
+
+    def delta_weight(self, adapter: str) -> torch.Tensor:
+        """Raw ΔW = B·A (d_out × d_in), before the LoRA scale, differentiable."""
+        return self.lora_B[adapter].weight @ self.lora_A[adapter].weight
+
+    def final_delta(self, adapter: str) -> torch.Tensor:
+        """ΔW_final in float32: ΔW ⊙ H(|ΔW| − τ) for JumpLoRA, ΔW for plain LoRA (no gradient)."""
+        with torch.no_grad():
+            delta = self.delta_weight(adapter).float()
+            return hard_threshold(delta, self.lora_log_tau[adapter]) if self.is_jump(adapter) else delta
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """β·ΔW_final, what PEFT's `merge()` / `merge_and_unload()` add to the base weight."""
+        return self.final_delta(adapter) * self.scaling[adapter]
+
+    def penalty_delta(self, adapter: str, mode: str) -> torch.Tensor:
+        """ΔW_x of the ELLA term: x = "sparse" (ΔW_jump once τ is set, else ΔW) or "interpolated" (ΔW_interp)."""
+        delta = self.delta_weight(adapter)
+        if not self.is_jump(adapter):
+            return delta
+        log_tau, eps = self.lora_log_tau[adapter], self.jump_bandwidth[adapter]
+        if mode == "interpolated":
+            return jump_interpolated_delta(delta, log_tau, self.jump_gamma[adapter], eps)
+        if not self.jump_tau_ready[adapter]:
+            return delta
+        return symmetric_jump_relu(delta, log_tau.exp(), eps)
+
+    @torch.no_grad()
+    def reset_task_adapter(self, adapter: str, generator: torch.Generator | None = None) -> None:
+        """Fresh adapter for a new task: A Kaiming uniform (as PEFT/nn.Linear), B = 0, gate open, γ = 0."""
+        weight_a = self.lora_A[adapter].weight
+        if generator is not None and generator.device != weight_a.device:
+            fresh = torch.empty(weight_a.shape, dtype=weight_a.dtype, device=generator.device)
+            torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+            weight_a.copy_(fresh)
+        else:
+            torch.nn.init.kaiming_uniform_(weight_a, a=math.sqrt(5), generator=generator)
+        torch.nn.init.zeros_(self.lora_B[adapter].weight)
+        if self.is_jump(adapter):
+            self.lora_log_tau[adapter].fill_(OPEN_LOG_TAU)
+            self.jump_gamma[adapter] = 0.0
+            self.jump_tau_ready[adapter] = False
+
+    @torch.no_grad()
+    def fold_final_delta(self, adapter: str, accumulate_w_past: bool) -> torch.Tensor:
+        """W ← W + β·ΔW_final (and W_past ← W_past + ΔW_final), then remove the update: B = 0, γ = 0.
+
+        Returns ΔW_final (float32). Afterwards the layer computes exactly the merged base layer.
+        """
+        final = self.final_delta(adapter)
+        weight = self.get_base_layer().weight
+        weight.add_((final * self.scaling[adapter]).to(weight.dtype))
+        if accumulate_w_past:
+            if self.ella_w_past is None:
+                self.ella_w_past = torch.zeros_like(final)
+            self.ella_w_past.add_(final)
+        torch.nn.init.zeros_(self.lora_B[adapter].weight)
+        if self.is_jump(adapter):
+            self.jump_gamma[adapter] = 0.0
+        return final
+
+
+def iter_jumplora_layers(model: torch.nn.Module) -> Iterator[tuple[str, JumpLoraLinear]]:
+    """(name, layer) for every JumpLoRA layer of `model` (a PeftModel or anything containing one)."""
+    for name, module in model.named_modules():
+        if isinstance(module, JumpLoraLinear):
+            yield name, module
+
+
+def set_interpolation_gamma(model: torch.nn.Module, gamma: float, adapter: str = "default") -> None:
+    for _, layer in iter_jumplora_layers(model):
+        if layer.is_jump(adapter):
+            layer.jump_gamma[adapter] = float(gamma)
+
+

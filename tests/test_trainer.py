@@ -1,0 +1,179 @@
+"""The task sequence inside one Trainer: every method on a tiny T5 and a tiny Llama."""
+
+import json
+
+import pytest
+import torch
+from tiny import TINY_MODELS, task_stream, tokenizer
+from transformers import TrainerCallback
+
+from jumplora_hf import (
+    METHODS,
+    ContinualSeq2SeqConfig,
+    ContinualSeq2SeqTrainer,
+    JumpLoraConfig,
+    ella_penalty,
+    encode_task,
+    end_task,
+    iter_jumplora_layers,
+)
+
+TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
+
+
+def _args(tmp_path, method="jumplora_inclora", **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"), method=method, per_device_train_batch_size=4, per_device_eval_batch_size=8,
+        learning_rate=1e-2, num_train_epochs=1, logging_steps=1, report_to="none", use_cpu=True, seed=7,
+        disable_tqdm=True, ella_lambda=[0.0, 100.0, 100.0] if "ella" in method else None,
+    )
+    values.update(overrides)
+    return ContinualSeq2SeqConfig(**values)
+
+
+def _trainer(tmp_path, arch="t5", method="jumplora_inclora", callbacks=None, **overrides):
+    config = JumpLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch])
+    return ContinualSeq2SeqTrainer(
+        TINY_MODELS[arch](), _args(tmp_path, method, **overrides), tokenizer(), peft_config=config, callbacks=callbacks
+    )
+
+
+class _TaskStartProbe(TrainerCallback):
+    """Records, at every task start, whether ΔW = 0 and which optimizer object the task got."""
+
+    def __init__(self):
+        self.delta_is_zero, self.optimizers, self.first_lrs = [], [], []
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.delta_is_zero.append(all(not layer.delta_weight("default").any() for _, layer in iter_jumplora_layers(model)))
+        self.optimizers.append(optimizer)
+        self.first_lrs.append(optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("arch", ["t5", "llama"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_three_task_run_for_every_method(tmp_path, arch, method):
+    probe = _TaskStartProbe()
+    trainer = _trainer(tmp_path, arch, method, callbacks=[probe])
+    report = trainer.train_continual(task_stream(3))
+    acc = report["accuracy_matrix"]
+    assert len(acc) == 3 and all(len(row) == 3 for row in acc)
+    assert all((acc[i][j] is None) == (j > i) for i in range(3) for j in range(3))
+    written = json.loads((tmp_path / "out" / "continual_metrics.json").read_text())
+    assert written["accuracy_matrix"] == acc and written["tasks"] == ["task0", "task1", "task2"]
+    assert written["backward_transfer"] == report["backward_transfer"]
+    sparsity = [task["sparsity"]["mean"] for task in report["per_task"]]
+    if METHODS[method][0]:
+        assert all(s > 0.2 for s in sparsity), sparsity  # the merged ΔW_final is sparse
+        assert all(task["jaccard_with_previous"]["mean"] < 1.0 for task in report["per_task"][1:])
+    else:
+        assert all(s < 0.01 for s in sparsity)  # plain LoRA merges a dense ΔW
+    # every task starts from ΔW = 0 with a new optimizer and a restarted LR schedule
+    assert probe.delta_is_zero == [True, True, True]
+    assert len({id(o) for o in probe.optimizers}) == 3
+    assert probe.first_lrs == [probe.first_lrs[0]] * 3
+    steps = trainer.state.max_steps
+    counts = [int(state["step"]) for state in trainer.optimizer.state.values()]
+    assert max(counts) == steps and min(counts) > 0  # no Adam state from earlier tasks (τ starts at S_start)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    if METHODS[method][1]:
+        assert all("loss_ella" in h and "loss_ce" in h for h in logs)
+        assert any(h["loss_ella"] > 0 for h in logs if h["task"] > 0)
+    if METHODS[method][0]:
+        assert {h["jump/gamma"] for h in logs} >= {0.0, 1.0} and any("jump/sparsity" in h for h in logs)
+
+
+def test_same_seed_twice_gives_identical_results(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        trainer = _trainer(tmp_path / name, "t5", "jumplora_ella")
+        report = trainer.train_continual(task_stream(3))
+        weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "base_layer" in n}
+        runs.append((report["accuracy_matrix"], weights))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1].keys() == runs[1][1].keys()
+    assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+
+
+def test_ella_term_counts_once_per_optimizer_step_under_gradient_accumulation(tmp_path):
+    trainer = _trainer(tmp_path, "t5", "ella", ella_lambda=[100.0])
+    model = trainer.model.train()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):  # a merged past task (W_past ≠ 0), then a current adapter with ΔW ≠ 0
+        with torch.no_grad():
+            for _, layer in iter_jumplora_layers(model):
+                layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=gen) * 0.1)
+        if not any(layer.ella_w_past is not None for _, layer in iter_jumplora_layers(model)):
+            end_task(model, accumulate_w_past=True)
+    encoded = encode_task(task_stream(1)[0], trainer.processing_class, True, 512)
+    batch = trainer.data_collator([encoded.train[i] for i in range(4)])
+    items = int((batch["labels"] != -100).sum())
+    penalty = 100.0 * ella_penalty(model).item()
+    assert penalty > 0
+    trainer.current_gradient_accumulation_steps = 2
+    cross_entropy = super(ContinualSeq2SeqTrainer, trainer).compute_loss
+    # normalised over the whole accumulated batch: the Trainer will not divide, so the term is divided here
+    added = trainer.compute_loss(model, dict(batch), num_items_in_batch=items) - cross_entropy(model, dict(batch), num_items_in_batch=items)
+    assert added.item() == pytest.approx(penalty / 2, rel=1e-4)
+    # a per-micro-batch mean: the Trainer divides the whole loss by the accumulation steps itself
+    added = trainer.compute_loss(model, dict(batch)) - cross_entropy(model, dict(batch))
+    assert added.item() == pytest.approx(penalty, rel=1e-4)
+
+
+def _bad(tasks_kind):
+    tasks = task_stream(2)
+    if tasks_kind == "empty_train":
+        tasks[1].train_dataset = []
+    elif tasks_kind == "empty_eval":
+        tasks[0].eval_dataset = []
+    elif tasks_kind == "unknown_label":
+        tasks[1].eval_dataset = tasks[1].eval_dataset + [{"sentence": "x", "label": "maybe"}]
+    elif tasks_kind == "duplicate_names":
+        tasks[1].name = tasks[0].name
+    return tasks
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("empty_train", "train split is empty"),
+        ("empty_eval", "eval split is empty"),
+        ("unknown_label", "'maybe'.*not among the task's options"),
+        ("duplicate_names", "unique"),
+    ],
+)
+def test_bad_tasks_fail_before_training_or_writing(tmp_path, kind, message):
+    trainer = _trainer(tmp_path)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(ValueError, match=message):
+        trainer.train_continual(_bad(kind))
+    assert not any((tmp_path / "out").rglob("*"))  # the Trainer makes output_dir; nothing is written into it
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_lambda_list_must_match_the_tasks(tmp_path):
+    trainer = _trainer(tmp_path, method="jumplora_ella", ella_lambda=[0.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match="ella_lambda has 3 values for 2 tasks"):
+        trainer.train_continual(task_stream(2))
+    assert not any((tmp_path / "out").rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"method": "olora"}, "unknown method 'olora'"),
+        ({"method": "ella", "ella_lambda": None}, "needs ella_lambda"),
+        ({"method": "ella", "ella_lambda": [-1.0]}, "non-negative"),
+        ({"ella_delta_mode": "dense"}, "unknown ella_delta_mode"),
+    ],
+)
+def test_bad_arguments_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _args(tmp_path, **overrides)
+
+
+def test_option_longer_than_target_budget_is_refused(tmp_path):
+    trainer = _trainer(tmp_path, max_target_length=3)
+    with pytest.raises(ValueError, match="needs 4 target tokens"):
+        trainer.train_continual(task_stream(1))
