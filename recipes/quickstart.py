@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval_examples", type=int, default=64, help="evaluation examples per task")
     parser.add_argument("--ella_lambda", type=float, nargs="+", default=[0.0, 1e3], help="λ: one value or one per task")
     parser.add_argument("--output_dir", default="runs/quickstart")
-    parser.add_argument("--d_model", type=int, default=64, help="width of the tiny T5")
+    parser.add_argument("--d_model", type=int, default=32, help="width of the tiny T5")
     parser.add_argument("--seed", type=int, default=1)
     return parser.parse_args(argv)
 
@@ -45,12 +45,12 @@ def main(argv=None) -> dict:
     lambdas = args.ella_lambda if len(args.ella_lambda) in (1, args.tasks) else [args.ella_lambda[0]] + [args.ella_lambda[-1]] * (args.tasks - 1)
     config = ContinualSeq2SeqConfig(
         output_dir=args.output_dir, method=args.method, ella_lambda=lambdas if "ella" in args.method else None,
-        learning_rate=1e-2, lr_scheduler_type="constant", per_device_train_batch_size=8, per_device_eval_batch_size=64,
+        learning_rate=3e-3, lr_scheduler_type="constant", per_device_train_batch_size=8, per_device_eval_batch_size=64,
         num_train_epochs=1, logging_steps=50, report_to="none", seed=args.seed,
     )
     adapters = JumpLoraConfig(r=8, lora_alpha=16, target_modules=["q", "k", "v", "o", "wi", "wo"])
     trainer = ContinualSeq2SeqTrainer(model, config, ByT5Tokenizer(), peft_config=adapters)
-    report = trainer.train_continual(keyword_task_stream(args.tasks, args.train_examples, args.eval_examples, filler=(0, 3)))
+    report = trainer.train_continual(keyword_task_stream(args.tasks, args.train_examples, args.eval_examples, filler=(0, 0)))
 
     print(f"\nmethod {args.method}; a[i][j] = accuracy on task j after training task i")
     for name, row in zip(report["tasks"], report["accuracy_matrix"]):
