@@ -57,6 +57,17 @@ class JumpLoraConfig(LoraConfig):
         default=0.001,
         metadata={"help": "Bandwidth ε of the rectangle kernel in the τ pseudo-derivative (paper: 0.001)."},
     )
+    jump_fused: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Use the fused, memory-lean JumpLoRA linear (`gate.fused_jump_linear`) while the gate is on (γ > 0): "
+                "one dense GEMM forward with W + β·ΔW_interp, and no d_out×d_in tensor kept for the backward. False "
+                "selects the reference path (plain autograd through ΔW, the mask and ΔW_interp), which stays "
+                "available for tests and debugging; both give the same values and gradients."
+            )
+        },
+    )
     s_start: float = field(
         default=0.2,
         metadata={
@@ -126,7 +137,8 @@ class JumpLoraConfig(LoraConfig):
         self._log_tau_bank_members.add(member)
         key = (adapter_name, group)
         if key not in self._log_tau_bank:
-            self._log_tau_bank[key] = torch.nn.Parameter(torch.zeros((), dtype=torch.float32, device=device))
+            # shape (1,), not (): DeepSpeed ZeRO cannot flatten 0-dim parameters
+            self._log_tau_bank[key] = torch.nn.Parameter(torch.zeros(1, dtype=torch.float32, device=device))
         param = self._log_tau_bank[key]
         if param.device != torch.device(device):
             raise ValueError(

@@ -11,7 +11,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
 
 from .config import threshold_group
-from .gate import hard_threshold, jump_interpolated_delta, symmetric_jump_relu
+from .gate import fused_jump_linear, hard_threshold, jump_interpolated_delta, symmetric_jump_relu
 
 # log τ of a fresh adapter: τ = the smallest normal float32, so the gate is open (ΔW_jump = ΔW) until the
 # threshold is initialised at S_start, and an adapter saved before that still behaves as plain LoRA.
@@ -33,6 +33,7 @@ class JumpLoraLinearVariant(LoraVariant):
         module.jump_threshold_group[adapter_name] = group
         module.jump_gamma[adapter_name] = 0.0
         module.jump_tau_ready[adapter_name] = False
+        module.jump_fused[adapter_name] = bool(getattr(config, "jump_fused", True))
 
     @staticmethod
     def merge_safe(module: "JumpLoraLinear", active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
@@ -54,12 +55,12 @@ class JumpLoraLinearVariant(LoraVariant):
         gamma = module.jump_gamma[active_adapter]
         if gamma <= 0.0:  # before S_start: exactly plain LoRA, and no d_out×d_in product
             return result + lora_B(lora_A(x)) * scaling
-        delta = jump_interpolated_delta(
-            lora_B.weight @ lora_A.weight,
-            module.lora_log_tau[active_adapter],
-            gamma,
-            module.jump_bandwidth[active_adapter],
-        )
+        log_tau, eps = module.lora_log_tau[active_adapter], module.jump_bandwidth[active_adapter]
+        if module.jump_fused[active_adapter]:
+            # `result` (the base output) is already computed here, so only the update goes through the fused
+            # function; `JumpLoraLinear.forward` avoids even that second GEMM in the common one-adapter case.
+            return result + fused_jump_linear(x, None, None, lora_A.weight, lora_B.weight, log_tau, gamma, eps, scaling)
+        delta = jump_interpolated_delta(lora_B.weight @ lora_A.weight, log_tau, gamma, eps)  # the reference path
         return result + F.linear(x, delta) * scaling
 
 
@@ -82,7 +83,14 @@ class JumpLoraLinear(LoraLinear):
             self.jump_threshold_group: dict[str, str] = {}
             self.jump_gamma: dict[str, float] = {}
             self.jump_tau_ready: dict[str, bool] = {}
+            self.jump_fused: dict[str, bool] = {}
             self.register_buffer("ella_w_past", None, persistent=False)
+            # ELLA: while training with ella_delta_mode set, each forward records this layer's
+            # ‖ΔW_x ⊙ W_past‖²_F. Inside the forward, DDP sees the use of A and B and ZeRO-3 has them
+            # gathered; the trainer collects the terms after the model's forward (ella.pop_ella_penalty).
+            self.ella_delta_mode: str | None = None
+            self.ella_term: torch.Tensor | None = None
+            self.register_forward_hook(_record_ella_term)
         super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
 
     @property
@@ -91,8 +99,39 @@ class JumpLoraLinear(LoraLinear):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        for state in (self.lora_log_tau, self.jump_bandwidth, self.jump_threshold_group, self.jump_gamma, self.jump_tau_ready):
+        for state in (
+            self.lora_log_tau, self.jump_bandwidth, self.jump_threshold_group, self.jump_gamma, self.jump_tau_ready,
+            self.jump_fused,
+        ):
             state.pop(adapter_name, None)
+
+    def _fused_adapter(self, args: tuple, kwargs: dict) -> str | None:
+        """The adapter the fused forward can serve alone, or None (then PEFT's forward runs)."""
+        if args or any(v is not None for v in kwargs.values()) or self.merged or self.disable_adapters:
+            return None
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if len(active) != 1:
+            return None
+        adapter = active[0]
+        if not (self.is_jump(adapter) and self.jump_fused.get(adapter, False) and self.jump_gamma[adapter] > 0.0):
+            return None
+        return adapter if isinstance(self.get_base_layer(), torch.nn.Linear) else None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """With the gate on (γ > 0) and one active JumpLoRA adapter: y = x·(W + β·ΔW_interp)ᵀ + b in one GEMM.
+
+        PEFT's `Linear.forward` computes the base output first and then adds the update, which would cost
+        a second dense GEMM here; every other case (γ = 0, merged, adapters disabled, several adapters,
+        `adapter_names`, `jump_fused=False`) goes through it unchanged.
+        """
+        adapter = self._fused_adapter(args, kwargs)
+        if adapter is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        return fused_jump_linear(
+            x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+            self.lora_log_tau[adapter], self.jump_gamma[adapter], self.jump_bandwidth[adapter], self.scaling[adapter],
+        )
 
     def is_jump(self, adapter: str) -> bool:
         return adapter in self.lora_log_tau
@@ -122,6 +161,10 @@ class JumpLoraLinear(LoraLinear):
         if not self.jump_tau_ready[adapter]:
             return delta
         return symmetric_jump_relu(delta, log_tau.exp(), eps)
+
+    def ella_squared_norm(self, adapter: str, mode: str) -> torch.Tensor:
+        """‖ΔW_x ⊙ W_past‖²_F of this layer (float32, differentiable in A, B and τ)."""
+        return (self.penalty_delta(adapter, mode).float() * self.ella_w_past).pow(2).sum()
 
     @torch.no_grad()
     def reset_task_adapter(self, adapter: str, generator: torch.Generator | None = None) -> None:
@@ -156,6 +199,32 @@ class JumpLoraLinear(LoraLinear):
         if self.is_jump(adapter):
             self.jump_gamma[adapter] = 0.0
         return final
+
+
+class _TieToOutput(torch.autograd.Function):
+    """Returns `output` unchanged, with `side` in its autograd graph (zero gradient flows to `side`).
+
+    DDP with find_unused_parameters=True marks every parameter it cannot reach from the forward's outputs
+    as unused; τ used only by the recorded ELLA term (at S_start, γ = 0) would then be marked ready twice.
+    """
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        ctx.side_shape, ctx.side_dtype = side.shape, side.dtype
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, torch.zeros(ctx.side_shape, dtype=ctx.side_dtype, device=grad_output.device)
+
+
+def _record_ella_term(layer: "JumpLoraLinear", args, output):
+    if layer.training and layer.ella_delta_mode is not None and layer.ella_w_past is not None:
+        adapter = layer.active_adapters[0]
+        if adapter in layer.lora_A:
+            layer.ella_term = layer.ella_squared_norm(adapter, layer.ella_delta_mode)
+            return _TieToOutput.apply(output, layer.ella_term)
+    return None
 
 
 def iter_jumplora_layers(model: torch.nn.Module) -> Iterator[tuple[str, JumpLoraLinear]]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from peft import PeftModel
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -19,7 +20,7 @@ from . import metrics
 from .callback import JumpLoRATrainerCallback
 from .config import JumpLoraConfig
 from .data import ContinualDataCollator, ContinualTask, EncodedTask, encode_task, exact_match_accuracy
-from .ella import ELLA_DELTA_MODES, ella_penalty
+from .ella import ELLA_DELTA_MODES, pop_ella_penalty, record_ella_terms
 from .lifecycle import MergedTaskUpdate, begin_task, end_task
 from .model import get_jumplora_model
 from .thresholds import threshold_statistics
@@ -121,6 +122,19 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         kwargs.setdefault("data_collator", ContinualDataCollator(processing_class.pad_token_id, self.is_encoder_decoder))
         kwargs["callbacks"] = [JumpLoRATrainerCallback(), *(kwargs.get("callbacks") or [])]
         super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            # Trainer.train() builds a new engine per call, and parameter writes outside the optimizer (τ at
+            # S_start, the re-initialised adapters) would be overwritten by its fp32 master copies.
+            raise NotImplementedError(
+                "ContinualSeq2SeqTrainer does not support DeepSpeed or FSDP yet: a task sequence needs one engine "
+                "across tasks; launch with DDP instead (accelerate_configs/multi_gpu.yaml)"
+            )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.accelerator.distributed_type == DistributedType.NO:
+            raise RuntimeError(
+                f"{launched} processes were launched but the Trainer is not distributed, so each would train alone; "
+                "on a machine without GPUs pass use_cpu=True (and ddp_backend='gloo')"
+            )
         self.task_index = 0
         self.task_names: list[str] = []
         self.accuracy_matrix: list[list[float | None]] = []
@@ -158,7 +172,10 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
             self.train_dataset = task.train
             self.optimizer, self.lr_scheduler = None, None  # a fresh AdamW state and LR schedule per task
             self._ella_sum, self._ella_logged_step = torch.zeros(()), 0
+            ella_on = self.args.lambda_for_task(index) > 0
+            record_ella_terms(self.model, self.args.ella_delta_mode if ella_on else None)
             self.train()
+            record_ella_terms(self.model, None)
             self.task_updates.append(end_task(self.model, accumulate_w_past=self.args.uses_ella))
             self.task_names.append(task.name)
             row = [self.evaluate_generation(encoded[j]) for j in range(index + 1)]
@@ -187,7 +204,10 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
     def evaluate_generation(self, task: EncodedTask) -> float:
         """Exact-match accuracy of greedy generation on the task's eval prompts."""
         output = self.predict(task.prompts, metric_key_prefix=f"eval_{task.name}", max_new_tokens=task.max_new_tokens)
-        tokens = np.where(output.predictions < 0, self.processing_class.pad_token_id, output.predictions)
+        # Seq2SeqTrainer.predict gathers without dropping the samples that accelerate repeats (from the start
+        # of the dataset) to even out the last batch across ranks: the first len(prompts) rows are the prompts.
+        predictions = output.predictions[: len(task.answers)]
+        tokens = np.where(predictions < 0, self.processing_class.pad_token_id, predictions)
         texts = self.processing_class.batch_decode(tokens, skip_special_tokens=True)
         return exact_match_accuracy(texts, task.answers)
 
@@ -238,7 +258,7 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         lam = self.args.lambda_for_task(self.task_index)
         if lam == 0.0 or not model.training:
             return result
-        penalty = ella_penalty(self.model, self.args.ella_delta_mode)
+        penalty = pop_ella_penalty(self.model)  # recorded by the adapted layers during this forward
         if penalty is None:
             return result
         # The Trainer divides a per-micro-batch loss by the accumulation steps, but not a loss already

@@ -6,12 +6,15 @@ the sparsity / overlap of the merged updates.
     python recipes/quickstart.py
     python recipes/quickstart.py --method inclora --tasks 4
     accelerate launch recipes/quickstart.py --method jumplora_ella --ella_lambda 0 1e3
+    accelerate launch --multi_gpu --num_processes 2 recipes/quickstart.py   # 2 processes, also on CPU (gloo)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
+import torch
 from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration, set_seed
 
 from jumplora_hf import METHODS, ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, JumpLoraConfig
@@ -47,11 +50,15 @@ def main(argv=None) -> dict:
         output_dir=args.output_dir, method=args.method, ella_lambda=lambdas if "ella" in args.method else None,
         learning_rate=3e-3, lr_scheduler_type="constant", per_device_train_batch_size=8, per_device_eval_batch_size=64,
         num_train_epochs=1, logging_steps=50, report_to="none", seed=args.seed,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
     )
     adapters = JumpLoraConfig(r=8, lora_alpha=16, target_modules=["q", "k", "v", "o", "wi", "wo"])
     trainer = ContinualSeq2SeqTrainer(model, config, ByT5Tokenizer(), peft_config=adapters)
     report = trainer.train_continual(keyword_task_stream(args.tasks, args.train_examples, args.eval_examples, filler=(0, 0)))
 
+    if not trainer.is_world_process_zero():
+        return report
     print(f"\nmethod {args.method}; a[i][j] = accuracy on task j after training task i")
     for name, row in zip(report["tasks"], report["accuracy_matrix"]):
         print(f"  after {name}: " + "  ".join("  -  " if a is None else f"{a:.3f}" for a in row))

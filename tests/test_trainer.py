@@ -17,6 +17,7 @@ from jumplora_hf import (
     end_task,
     iter_jumplora_layers,
 )
+from jumplora_hf.ella import record_ella_terms
 
 TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
 
@@ -110,6 +111,7 @@ def test_ella_term_counts_once_per_optimizer_step_under_gradient_accumulation(tm
     items = int((batch["labels"] != -100).sum())
     penalty = 100.0 * ella_penalty(model).item()
     assert penalty > 0
+    record_ella_terms(model, "sparse")
     trainer.current_gradient_accumulation_steps = 2
     cross_entropy = super(ContinualSeq2SeqTrainer, trainer).compute_loss
     # normalised over the whole accumulated batch: the Trainer will not divide, so the term is divided here

@@ -1,0 +1,64 @@
+"""A tiny 3-task sequence for the multi-process tests; rank 0 writes what the tests compare.
+
+    python tests/distributed_run.py OUT_DIR [--method M]
+    accelerate launch --multi_gpu --num_processes 2 tests/distributed_run.py OUT_DIR
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny import keyword_task, tiny_t5, tokenizer  # noqa: E402
+
+from jumplora_hf import ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, JumpLoraConfig, iter_jumplora_layers  # noqa: E402
+
+
+class TaskStartProbe(TrainerCallback):
+    """Max |B| over all adapters at every task start: 0 when the task starts from ΔW = 0."""
+
+    def __init__(self):
+        self.max_abs_b = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.max_abs_b.append(max(layer.lora_B["default"].weight.abs().max().item() for _, layer in iter_jumplora_layers(model)))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--method", default="jumplora_ella")
+    parser.add_argument("--threshold_mode", default="per_block")
+    parser.add_argument("--optim", default="sgd", help="sgd: updates linear in the gradient, so backends agree closely")
+    cli = parser.parse_args()
+    args = ContinualSeq2SeqConfig(
+        output_dir=cli.out, method=cli.method, ella_lambda=[0.0, 100.0, 100.0] if "ella" in cli.method else None,
+        per_device_train_batch_size=8 // int(os.environ.get("WORLD_SIZE", 1)), per_device_eval_batch_size=4,
+        learning_rate=0.5 if cli.optim == "sgd" else 1e-2, optim=cli.optim, lr_scheduler_type="constant", num_train_epochs=1, logging_steps=1, report_to="none",
+        seed=3, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        # the Trainer multiplies the loss by the world size for token averaging; on MULTI_CPU (gloo) we measured
+        # the gradient doubled by it, so compare backends without it (equal-length examples make it moot)
+        average_tokens_across_devices=False,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available() else None,
+    )
+    probe = TaskStartProbe()
+    config = JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], threshold_mode=cli.threshold_mode)
+    trainer = ContinualSeq2SeqTrainer(tiny_t5(tie_word_embeddings=False), args, tokenizer(), peft_config=config, callbacks=[probe])
+    # every example has the same length, so every rank holds as many answer tokens as any other and the
+    # per-rank loss normalisation equals the global one: the backends can then agree to float precision
+    tasks = [
+        keyword_task(f"task{i}", options, triggers, n_train=32, n_eval=12, seed=i, filler=(0, 0))
+        for i, (options, triggers) in enumerate([(["aa", "bb"], ["xx", "yy"]), (["cc", "dd"], ["uu", "vv"]), (["ee", "ff"], ["ss", "tt"])])
+    ]
+    report = trainer.train_continual(tasks)
+    weights = {name: layer.get_base_layer().weight.detach().float().cpu().clone() for name, layer in iter_jumplora_layers(trainer.model)}
+    if trainer.is_world_process_zero():
+        torch.save({"report": report, "weights": weights, "task_start_max_abs_b": probe.max_abs_b,
+                    "world_size": trainer.args.world_size}, os.path.join(cli.out, "result.pt"))
+
+
+if __name__ == "__main__":
+    main()
