@@ -243,7 +243,7 @@ def benchmark(name: str, args) -> dict[str, Result]:
 def print_table(name: str, results: dict[str, Result], cuda: bool) -> None:
     mem_label = "step peak MB" if cuda else "saved act. MB"
     show_rss = not cuda and any(r.rss is not None for r in results.values())
-    header = f"| variant | median step ms | min-max ms |" + ("" if cuda else " median CPU ms |") + f" {mem_label} |"
+    header = "| variant | median step ms | min-max ms |" + ("" if cuda else " median CPU ms |") + f" {mem_label} |"
     header += " peak RSS Δ MB |" if show_rss else ""
     print(header)
     print("|" + "---|" * (header.count("|") - 1))

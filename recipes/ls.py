@@ -1,0 +1,15 @@
+"""Long Sequence benchmark (orders 4-6: 15 tasks) with the paper's defaults.
+
+Defaults: google-t5/t5-large, r 8, α 32, q/v, lr 1e-3 constant, batch 32, one epoch per task, S_start 0.2,
+S_final 0.8, ε 0.001, source 512 / target 8 tokens, seed 42, λ of the paper's Table 7 for the ELLA methods.
+
+    accelerate launch recipes/ls.py --method jumplora_ella --order order4 --data_dir ../shared/cl_benchmark
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/ls.py --order order5
+    python recipes/ls.py --method inclora --max_train_examples 200 --max_eval_examples 100   # a small run
+    python recipes/ls.py --help
+"""
+
+from jumplora_hf.recipe import main
+
+if __name__ == "__main__":
+    main(default_order="order4")

@@ -1,0 +1,15 @@
+"""Standard CL benchmark (orders 1-3: dbpedia, amazon, yahoo, agnews) with the paper's defaults.
+
+Defaults: google-t5/t5-large, r 8, α 32, q/v, lr 1e-3 constant, batch 32, one epoch per task, S_start 0.2,
+S_final 0.8, ε 0.001, source 512 / target 8 tokens, seed 42, λ of the paper's Table 7 for the ELLA methods.
+
+    accelerate launch recipes/sc.py --method jumplora_inclora --order order1 --data_dir ../shared/cl_benchmark
+    python recipes/sc.py --method jumplora_ella --order order2 --seed 43 --output_dir runs/sc_o2_s43
+    python recipes/sc.py my_run.yaml            # the same flags as keys of a YAML file
+    python recipes/sc.py --help
+"""
+
+from jumplora_hf.recipe import main
+
+if __name__ == "__main__":
+    main(default_order="order1")

@@ -1,0 +1,64 @@
+"""The benchmark recipes, launched as scripts on a tiny model and a generated folder in the standard layout."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from tiny import keyword_task, tiny_t5, tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _script(name, *args, launcher=()):
+    return subprocess.run([*launcher, os.path.join(ROOT, "recipes", name), *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("name,launcher", [("sc.py", (sys.executable,)), ("ls.py", (sys.executable, "-m", "accelerate.commands.launch"))])
+def test_help(name, launcher):
+    done = _script(name, "--help", launcher=launcher)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--method" in done.stdout and "--order" in done.stdout and "--ella_lambda" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    model_dir = root / "model"
+    tiny_t5(tie_word_embeddings=False).save_pretrained(model_dir)
+    tokenizer().save_pretrained(model_dir)
+    data = root / "data"
+    for i, (options, triggers) in enumerate([(["yes", "no"], ["sun", "moon"]), (["red", "blue"], ["cat", "dog"])]):
+        task = keyword_task(f"t{i}", options, triggers, n_train=16, n_eval=8, seed=i, filler=(0, 0))
+        (data / f"t{i}").mkdir(parents=True)
+        (data / f"t{i}" / "train.json").write_text(json.dumps(task.train_dataset))
+        for split in ("dev", "test"):
+            (data / f"t{i}" / f"{split}.json").write_text(json.dumps(task.eval_dataset))
+        (data / f"t{i}" / "labels.json").write_text(json.dumps(options))
+    (data / "orders.json").write_text(json.dumps({"order1": ["t0", "t1"], "order4": ["t1", "t0"]}))
+    return root
+
+
+@pytest.mark.parametrize("name,order", [("sc.py", ["t0", "t1"]), ("ls.py", ["t1", "t0"])])
+def test_tiny_run_of_each_recipe(tiny_setup, name, order):
+    out = tiny_setup / f"out_{name}"
+    done = _script(
+        name, "--model_name_or_path", str(tiny_setup / "model"), "--data_dir", str(tiny_setup / "data"),
+        "--output_dir", str(out), "--method", "jumplora_ella", "--ella_lambda", "0", "100", "--per_device_train_batch_size", "4",
+        "--max_source_length", "128", "--target_modules", "q", "v", "--use_cpu", "--disable_tqdm", "true",
+        launcher=(sys.executable,),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "continual_metrics.json").read_text())
+    assert report["tasks"] == order  # the default order of each recipe, read from orders.json
+    assert report["method"] == "jumplora_ella" and len(report["accuracy_matrix"]) == 2
+
+
+def test_unloadable_model_names_the_offline_way(tiny_setup):
+    done = _script("sc.py", "--model_name_or_path", str(tiny_setup / "missing"), "--data_dir", str(tiny_setup / "data"),
+                   "--output_dir", str(tiny_setup / "never"), "--use_cpu", launcher=(sys.executable,))
+    assert done.returncode != 0
+    assert "could not load model" in done.stderr and "recipes/quickstart.py" in done.stderr
+    assert not (tiny_setup / "never").exists()
