@@ -45,9 +45,9 @@ class JumpLoRATrainerCallback(TrainerCallback):
         set_interpolation_gamma(model, interpolation_gamma(step, self.start_step, self.final_step), self.adapter_name)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if logs is not None and "loss" in logs and self._jump_config(model) is not None:
-            for key, value in threshold_statistics(model, self.adapter_name).items():
-                logs.setdefault(key, value)
+        # ContinualSeq2SeqTrainer.log has already added them (so they reach log_history too)
+        if logs is not None and "loss" in logs and "jump/gamma" not in logs and self._jump_config(model) is not None:
+            logs.update(threshold_statistics(model, self.adapter_name))
 
     def _thresholds_ready(self, model) -> bool:
         for _, layer in iter_jumplora_layers(model):

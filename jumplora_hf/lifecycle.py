@@ -47,3 +47,29 @@ def end_task(model: torch.nn.Module, accumulate_w_past: bool, adapter: str = "de
         update.supports[name] = pack_support((final != 0).cpu().numpy())
         update.numels[name] = final.numel()
     return update
+
+
+def merged_state(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """What the finished tasks left in the model: the adapted layers' base weights and W_past (on CPU)."""
+    weights, w_past = {}, {}
+    for name, layer in iter_jumplora_layers(model):
+        weights[name] = layer.get_base_layer().weight.detach().cpu().clone()
+        if layer.ella_w_past is not None:
+            w_past[name] = layer.ella_w_past.detach().cpu().clone()
+    return {"weights": weights, "w_past": w_past}
+
+
+@torch.no_grad()
+def restore_merged_state(model: torch.nn.Module, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Put `merged_state(...)` of an earlier run back into a model built the same way."""
+    layers = dict(iter_jumplora_layers(model))
+    if set(layers) != set(state["weights"]):
+        raise ValueError(
+            f"the saved state adapts {len(state['weights'])} layers, this model {len(layers)}; "
+            "resume with the same model and target_modules"
+        )
+    for name, layer in layers.items():
+        weight = layer.get_base_layer().weight
+        weight.copy_(state["weights"][name].to(weight.device, weight.dtype))
+        past = state["w_past"].get(name)
+        layer.ella_w_past = None if past is None else past.to(weight.device)

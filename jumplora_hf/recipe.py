@@ -63,7 +63,10 @@ PAPER_TRAINING_DEFAULTS = dict(
 
 
 def _defaults(order: str) -> dict:
-    return {**PAPER_TRAINING_DEFAULTS, "order": order, "output_dir": os.path.join("runs", order), "ella_lambda": PAPER_ELLA_LAMBDAS.get(order)}
+    return {**PAPER_TRAINING_DEFAULTS, "order": order, "output_dir": AUTO_OUTPUT_DIR, "ella_lambda": PAPER_ELLA_LAMBDAS.get(order)}
+
+
+AUTO_OUTPUT_DIR = "<auto>"  # becomes runs/<order>/<method>/seed<seed>: one folder per run, which a restart continues
 
 
 def parse_recipe_args(argv: list[str], default_order: str) -> tuple[RecipeArguments, ContinualSeq2SeqConfig]:
@@ -72,13 +75,17 @@ def parse_recipe_args(argv: list[str], default_order: str) -> tuple[RecipeArgume
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         with open(argv[0], encoding="utf-8") as f:
             given = yaml.safe_load(f) or {}  # JSON is YAML
-        return parser.parse_dict({**_defaults(given.get("order", default_order)), **given})
-    order_parser = HfArgumentParser(RecipeArguments)
-    order_parser.set_defaults(order=default_order)
-    without_help = [a for a in argv if a not in ("-h", "--help")]  # the full parser prints the help
-    recipe, _ = order_parser.parse_args_into_dataclasses(without_help, return_remaining_strings=True)
-    parser.set_defaults(**_defaults(recipe.order))
-    return parser.parse_args_into_dataclasses(argv)
+        recipe, training = parser.parse_dict({**_defaults(given.get("order", default_order)), **given})
+    else:
+        order_parser = HfArgumentParser(RecipeArguments)
+        order_parser.set_defaults(order=default_order)
+        without_help = [a for a in argv if a not in ("-h", "--help")]  # the full parser prints the help
+        recipe, _ = order_parser.parse_args_into_dataclasses(without_help, return_remaining_strings=True)
+        parser.set_defaults(**_defaults(recipe.order))
+        recipe, training = parser.parse_args_into_dataclasses(argv)
+    if training.output_dir == AUTO_OUTPUT_DIR:
+        training.output_dir = os.path.join("runs", recipe.order.replace(",", "-"), training.method, f"seed{training.seed}")
+    return recipe, training
 
 
 def _load_model(path: str):

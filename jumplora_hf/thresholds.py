@@ -10,7 +10,7 @@ layer's ΔW, never the concatenation of all of them, and the result equals `torc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -18,9 +18,6 @@ from .layer import JumpLoraLinear, iter_jumplora_layers
 
 _BINS = 1 << 16
 _TINY = torch.finfo(torch.float32).tiny
-
-# A hook that turns a rank-local histogram into the global one (e.g. an all-reduce); identity here.
-HistogramReducer = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _abs_bits(layer: JumpLoraLinear, adapter: str) -> torch.Tensor:
@@ -36,20 +33,18 @@ def _select_bin(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
     return index, rank - below
 
 
-def kth_smallest_abs_delta(
-    layers: Sequence[JumpLoraLinear], adapter: str, rank: int, reduce: HistogramReducer = lambda h: h
-) -> float:
+def kth_smallest_abs_delta(layers: Sequence[JumpLoraLinear], adapter: str, rank: int) -> float:
     """The `rank`-th smallest (1-based) |ΔW| entry over `layers`, streaming layer by layer."""
     device = layers[0].lora_A[adapter].weight.device
     high = torch.zeros(_BINS, dtype=torch.int64, device=device)
     for layer in layers:
         high += torch.bincount(_abs_bits(layer, adapter) >> 16, minlength=_BINS)
-    high_bin, rank_in_bin = _select_bin(reduce(high), rank)
+    high_bin, rank_in_bin = _select_bin(high, rank)
     low = torch.zeros(_BINS, dtype=torch.int64, device=device)
     for layer in layers:
         bits = _abs_bits(layer, adapter)
         low += torch.bincount(bits[(bits >> 16) == high_bin] & 0xFFFF, minlength=_BINS)
-    low_bin, _ = _select_bin(reduce(low), rank_in_bin)
+    low_bin, _ = _select_bin(low, rank_in_bin)
     return torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32).view(torch.float32).item()
 
 
@@ -75,9 +70,7 @@ def _log_tau_between(low: float, high: float) -> float:
     return log_tau.item()
 
 
-def initialize_thresholds(
-    model: torch.nn.Module, adapter: str = "default", reduce: HistogramReducer = lambda h: h
-) -> dict[str, float]:
+def initialize_thresholds(model: torch.nn.Module, adapter: str = "default") -> dict[str, float]:
     """Set every group's τ so that #{|ΔW| > τ} = #params(A, B) of the group; returns τ per group name."""
     taus = {}
     for layers in threshold_groups(model, adapter).values():
@@ -85,8 +78,8 @@ def initialize_thresholds(
         entries = sum(layer.in_features * layer.out_features for layer in layers)
         rank = entries - budget  # the `budget` largest entries must exceed τ: v_rank ≤ τ < v_rank+1
         if rank >= 1:
-            low = kth_smallest_abs_delta(layers, adapter, rank, reduce)
-            high = kth_smallest_abs_delta(layers, adapter, rank + 1, reduce)
+            low = kth_smallest_abs_delta(layers, adapter, rank)
+            high = kth_smallest_abs_delta(layers, adapter, rank + 1)
         else:  # fewer entries than adapter parameters: everything survives
             low, high = 0.0, math.inf
         # τ = 0 (e.g. ΔW still all zero) would make log τ infinite: keep the smallest normal float instead

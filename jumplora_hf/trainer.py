@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType
 from peft import PeftModel
-from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from . import metrics
@@ -21,7 +21,7 @@ from .callback import JumpLoRATrainerCallback
 from .config import JumpLoraConfig
 from .data import ContinualDataCollator, ContinualTask, EncodedTask, encode_task, exact_match_accuracy
 from .ella import ELLA_DELTA_MODES, pop_ella_penalty, record_ella_terms
-from .lifecycle import MergedTaskUpdate, begin_task, end_task
+from .lifecycle import MergedTaskUpdate, begin_task, end_task, merged_state, restore_merged_state
 from .model import get_jumplora_model
 from .thresholds import threshold_statistics
 
@@ -35,6 +35,7 @@ METHODS = {
     "jumplora_ella": (True, True),
 }
 METRICS_FILE = "continual_metrics.json"
+SEQUENCE_STATE_FILE = "continual_state.pt"  # what a restart with the same output_dir continues from
 
 
 @dataclass
@@ -165,9 +166,11 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         """Run `tasks` in order; returns (and writes to `output_dir/continual_metrics.json`) the report."""
         encoded = self._validate_and_encode(tasks, single_task_accuracies)
         self.single_task_accuracies = list(single_task_accuracies) if single_task_accuracies is not None else None
-        report = {}
-        for index, task in enumerate(encoded):
+        finished = self._resume([t.name for t in encoded])
+        report = self.continual_report() if finished else {}
+        for index, task in enumerate(encoded[finished:], start=finished):
             self.task_index = index
+            set_seed(self.args.seed + index)  # each task's data order independent of the tasks before it
             begin_task(self.model, index, self.args.seed)
             self.train_dataset = task.train
             self.optimizer, self.lr_scheduler = None, None  # a fresh AdamW state and LR schedule per task
@@ -182,8 +185,42 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
             self.accuracy_matrix.append(row + [None] * (len(encoded) - index - 1))
             report = self.continual_report()
             self._write_report(report)
+            self._save_sequence_state()
             logger.info("task %d/%d (%s) done: accuracies %s", index + 1, len(encoded), task.name, row)
         return report
+
+    def _resume(self, names: list[str]) -> int:
+        """Continue a run from output_dir: restore its finished tasks and return how many there were."""
+        path = os.path.join(self.args.output_dir, SEQUENCE_STATE_FILE)
+        if not os.path.exists(path):
+            return 0
+        state = torch.load(path, map_location="cpu", weights_only=False)  # written by _save_sequence_state
+        done = state["tasks"]
+        if state["method"] != self.args.method or done != names[: len(done)]:
+            raise ValueError(
+                f"{path} holds a {state['method']} run of tasks {done}, which does not start this run "
+                f"({self.args.method}: {names}); choose another output_dir, or remove that file to start over"
+            )
+        restore_merged_state(self.model, state["merged"])
+        self.task_names = list(done)
+        self.accuracy_matrix = [row[: len(names)] + [None] * (len(names) - len(row)) for row in state["accuracy_matrix"]]
+        self.task_updates = [MergedTaskUpdate(supports, numels) for supports, numels in state["updates"]]
+        logger.info("resuming %s after %d finished task(s): %s", self.args.output_dir, len(done), done)
+        return len(done)
+
+    def _save_sequence_state(self) -> None:
+        if not self.is_world_process_zero():
+            return
+        state = {
+            "method": self.args.method,
+            "tasks": self.task_names,
+            "accuracy_matrix": self.accuracy_matrix,
+            "updates": [(u.supports, u.numels) for u in self.task_updates],
+            "merged": merged_state(self.model),
+        }
+        path = os.path.join(self.args.output_dir, SEQUENCE_STATE_FILE)
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
 
     def _validate_and_encode(self, tasks, single_task_accuracies) -> list[EncodedTask]:
         if not tasks:

@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train_examples", type=int, default=1600, help="training examples per task")
     parser.add_argument("--eval_examples", type=int, default=64, help="evaluation examples per task")
     parser.add_argument("--ella_lambda", type=float, nargs="+", default=[0.0, 1e3], help="λ: one value or one per task")
-    parser.add_argument("--output_dir", default="runs/quickstart")
+    parser.add_argument("--output_dir", default=None, help="default: runs/quickstart/<method>; a rerun continues it")
     parser.add_argument("--d_model", type=int, default=32, help="width of the tiny T5")
     parser.add_argument("--seed", type=int, default=1)
     return parser.parse_args(argv)
@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    args.output_dir = args.output_dir or os.path.join("runs", "quickstart", args.method)
     set_seed(args.seed)
     # an untied output head: a tied one would be changed by every merge into the embeddings
     model = T5ForConditionalGeneration(

@@ -179,3 +179,41 @@ def test_option_longer_than_target_budget_is_refused(tmp_path):
     trainer = _trainer(tmp_path, max_target_length=3)
     with pytest.raises(ValueError, match="needs 4 target tokens"):
         trainer.train_continual(task_stream(1))
+
+
+class _TaskCounter(TrainerCallback):
+    def __init__(self):
+        self.trained = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trained += 1
+
+
+def test_restart_continues_from_the_last_finished_task(tmp_path):
+    full = _trainer(tmp_path / "full", "t5", "jumplora_ella", ella_lambda=[50.0])
+    full_report = full.train_continual(task_stream(3))
+    interrupted = _trainer(tmp_path / "part", "t5", "jumplora_ella", ella_lambda=[50.0])
+    interrupted.train_continual(task_stream(3)[:2])  # as if the session ended after task 2
+    assert (tmp_path / "part" / "out" / "continual_state.pt").exists()
+
+    counter = _TaskCounter()
+    resumed = _trainer(tmp_path / "part", "t5", "jumplora_ella", callbacks=[counter], ella_lambda=[50.0])  # a fresh model
+    report = resumed.train_continual(task_stream(3))
+    assert counter.trained == 1  # only the unfinished task
+    assert report["accuracy_matrix"] == full_report["accuracy_matrix"]
+    assert [t["sparsity"] for t in report["per_task"]] == [t["sparsity"] for t in full_report["per_task"]]
+    expected = dict(full.model.named_parameters())
+    for name, param in resumed.model.named_parameters():
+        if "base_layer" in name:
+            assert torch.equal(param, expected[name]), name  # bit-identical to the uninterrupted run
+    for (name, layer), (_, reference) in zip(iter_jumplora_layers(resumed.model), iter_jumplora_layers(full.model)):
+        assert torch.equal(layer.ella_w_past, reference.ella_w_past), name
+
+
+def test_restart_with_other_tasks_is_refused(tmp_path):
+    _trainer(tmp_path, "t5", "inclora").train_continual(task_stream(2))
+    state = (tmp_path / "out" / "continual_state.pt").read_bytes()
+    other = _trainer(tmp_path, "t5", "inclora")
+    with pytest.raises(ValueError, match=r"does not start this run.*choose another output_dir"):
+        other.train_continual(task_stream(3)[1:])
+    assert (tmp_path / "out" / "continual_state.pt").read_bytes() == state  # nothing overwritten
