@@ -62,11 +62,11 @@ PAPER_TRAINING_DEFAULTS = dict(
 )
 
 
+AUTO_OUTPUT_DIR = "<auto>"  # becomes runs/<order>/<method>/seed<seed>: one folder per run, which a restart continues
+
+
 def _defaults(order: str) -> dict:
     return {**PAPER_TRAINING_DEFAULTS, "order": order, "output_dir": AUTO_OUTPUT_DIR, "ella_lambda": PAPER_ELLA_LAMBDAS.get(order)}
-
-
-AUTO_OUTPUT_DIR = "<auto>"  # becomes runs/<order>/<method>/seed<seed>: one folder per run, which a restart continues
 
 
 def parse_recipe_args(argv: list[str], default_order: str) -> tuple[RecipeArguments, ContinualSeq2SeqConfig]:
