@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from .cl_benchmark import load_cl_benchmark
 from .config import THRESHOLD_MODES, JumpLoraConfig
-from .trainer import ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer
+from .trainer import METRICS_FILE, ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer
 
 # The paper's Appendix Table 7: λ per task for the ELLA methods (the same for ELLA and JumpLoRA + ELLA).
 PAPER_ELLA_LAMBDAS = {
@@ -22,6 +23,8 @@ PAPER_ELLA_LAMBDAS = {
     "order5": [0.0] + [5e6] * 11 + [5e7] * 3,
     "order6": [0.0] + [5e5] * 14,
 }
+
+AUTO_OUTPUT_DIR = "<auto>"  # becomes runs/<order>/<method>/seed<seed>: one folder per run, which a restart continues
 
 
 @dataclass
@@ -44,6 +47,15 @@ class RecipeArguments:
     s_start: float = field(default=0.2, metadata={"help": "S_start as a fraction of each task's steps."})
     s_final: float = field(default=0.8, metadata={"help": "S_final as a fraction of each task's steps."})
     jump_bandwidth: float = field(default=0.001, metadata={"help": "ε of the τ pseudo-derivative."})
+    single_task_dir: str = field(
+        default=AUTO_OUTPUT_DIR,
+        metadata={
+            "help": (
+                "Run dir of a --single_task_baselines run of the same tasks, whose accuracies a0 give FWT; default: "
+                "runs/<order>/single_task/seed<seed> when it has finished every task. 'none' to skip FWT."
+            )
+        },
+    )
 
 
 # The paper's training setup (§4.4); every value can be overridden. Its "WarmupLR" warmup length is not stated:
@@ -61,8 +73,6 @@ PAPER_TRAINING_DEFAULTS = dict(
     report_to="none",
 )
 
-
-AUTO_OUTPUT_DIR = "<auto>"  # becomes runs/<order>/<method>/seed<seed>: one folder per run, which a restart continues
 
 
 def _defaults(order: str) -> dict:
@@ -84,8 +94,28 @@ def parse_recipe_args(argv: list[str], default_order: str) -> tuple[RecipeArgume
         parser.set_defaults(**_defaults(recipe.order))
         recipe, training = parser.parse_args_into_dataclasses(argv)
     if training.output_dir == AUTO_OUTPUT_DIR:
-        training.output_dir = os.path.join("runs", recipe.order.replace(",", "-"), training.method, f"seed{training.seed}")
+        training.output_dir = default_run_dir(recipe, training, "single_task" if training.single_task_baselines else training.method)
     return recipe, training
+
+
+def default_run_dir(recipe: RecipeArguments, training: ContinualSeq2SeqConfig, name: str) -> str:
+    return os.path.join("runs", recipe.order.replace(",", "-"), name, f"seed{training.seed}")
+
+
+def read_single_task_accuracies(run_dir: str | None, task_names: list[str], explicit: bool) -> list[float] | None:
+    """a0 of a finished --single_task_baselines run of the same tasks; None when there is none to use."""
+    path = os.path.join(run_dir, METRICS_FILE) if run_dir and run_dir.lower() != "none" else None
+    if path is None or not os.path.exists(path):
+        if explicit and path is not None:
+            raise FileNotFoundError(f"--single_task_dir {run_dir!r} has no {METRICS_FILE}; run the recipe there with --single_task_baselines true")
+        return None
+    with open(path, encoding="utf-8") as f:
+        baseline = json.load(f)
+    if not baseline.get("single_task_baselines") or baseline["tasks"] != task_names:
+        if explicit:
+            raise ValueError(f"{path} is not a finished --single_task_baselines run of {task_names}")
+        return None
+    return baseline["single_task_accuracies"]
 
 
 def _load_model(path: str):
@@ -109,9 +139,14 @@ def run(recipe: RecipeArguments, training: ContinualSeq2SeqConfig) -> dict:
         threshold_mode=recipe.threshold_mode, s_start=recipe.s_start, s_final=recipe.s_final,
         jump_bandwidth=recipe.jump_bandwidth,
     )
+    a0 = None
+    if not training.single_task_baselines:
+        explicit = recipe.single_task_dir != AUTO_OUTPUT_DIR
+        run_dir = recipe.single_task_dir if explicit else default_run_dir(recipe, training, "single_task")
+        a0 = read_single_task_accuracies(run_dir, [t.name for t in tasks], explicit)
     model, tokenizer = _load_model(recipe.model_name_or_path)
     trainer = ContinualSeq2SeqTrainer(model, training, tokenizer, peft_config=adapters)
-    return trainer.train_continual(tasks)
+    return trainer.train_continual(tasks, single_task_accuracies=a0)
 
 
 def main(default_order: str, argv: list[str] | None = None) -> dict:

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType
 from peft import PeftModel
-from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, set_seed
+from datasets import concatenate_datasets
+from torch.utils.data import DataLoader
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from . import metrics
@@ -23,7 +25,9 @@ from .data import ContinualDataCollator, ContinualTask, EncodedTask, encode_task
 from .ella import ELLA_DELTA_MODES, pop_ella_penalty, record_ella_terms
 from .lifecycle import MergedTaskUpdate, begin_task, end_task, merged_state, restore_merged_state
 from .model import get_jumplora_model
+from .sequence import TaskBatchSampler, TaskSpan, plan_task_spans, reset_optimizer_state, task_restarting_schedule
 from .thresholds import threshold_statistics
+from .zero import gathered_adapters, register_adapted_weights_as_external, writing_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +70,15 @@ class ContinualSeq2SeqConfig(Seq2SeqTrainingArguments):
     max_target_length: int | None = field(
         default=None,
         metadata={"help": "Answer length in tokens with EOS (the generation budget); default: the longest option + 1."},
+    )
+    single_task_baselines: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Train every task alone from the base model (the merged weights are reset before each task) and "
+                "evaluate it on itself: the single-task accuracies a0 that forward transfer (FWT) compares with."
+            )
+        },
     )
     predict_with_generate: bool = field(default=True, metadata={"help": "Evaluation generates answers (required)."})
     save_strategy: str = field(default="no", metadata={"help": "Mid-task checkpoints; the task sequence writes its own metrics."})
@@ -121,15 +134,16 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         model = self._wrap_with_adapters(model, args, peft_config)
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         kwargs.setdefault("data_collator", ContinualDataCollator(processing_class.pad_token_id, self.is_encoder_decoder))
-        kwargs["callbacks"] = [JumpLoRATrainerCallback(), *(kwargs.get("callbacks") or [])]
+        self._jump_callback = JumpLoRATrainerCallback()
+        kwargs["callbacks"] = [_TaskBoundaryCallback(self), self._jump_callback, *(kwargs.get("callbacks") or [])]
         super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            # Trainer.train() builds a new engine per call, and parameter writes outside the optimizer (τ at
-            # S_start, the re-initialised adapters) would be overwritten by its fp32 master copies.
+        if self.is_fsdp_enabled:
             raise NotImplementedError(
-                "ContinualSeq2SeqTrainer does not support DeepSpeed or FSDP yet: a task sequence needs one engine "
-                "across tasks; launch with DDP instead (accelerate_configs/multi_gpu.yaml)"
+                "ContinualSeq2SeqTrainer does not support FSDP: launch with DDP (accelerate_configs/multi_gpu.yaml) "
+                "or DeepSpeed ZeRO (accelerate_configs/zero2.yaml, zero3.yaml)"
             )
+        if is_deepspeed_zero3_enabled():
+            register_adapted_weights_as_external(self.model)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.accelerator.distributed_type == DistributedType.NO:
             raise RuntimeError(
@@ -137,6 +151,7 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
                 "on a machine without GPUs pass use_cpu=True (and ddp_backend='gloo')"
             )
         self.task_index = 0
+        self.task_spans: list[TaskSpan] = []
         self.task_names: list[str] = []
         self.accuracy_matrix: list[list[float | None]] = []
         self.task_updates: list[MergedTaskUpdate] = []
@@ -163,31 +178,61 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
 
     # ----------------------------------------------------------------- the task sequence
     def train_continual(self, tasks: Sequence[ContinualTask], single_task_accuracies: Sequence[float] | None = None) -> dict:
-        """Run `tasks` in order; returns (and writes to `output_dir/continual_metrics.json`) the report."""
+        """Run `tasks` in order; returns (and writes to `output_dir/continual_metrics.json`) the report.
+
+        The unfinished tasks are trained in one `train()` call: task k owns a contiguous range of optimizer
+        steps (`sequence.plan_task_spans`), so one optimizer, one LR scheduler object and one engine (DDP or
+        DeepSpeed) serve the whole sequence. At a task's first step its adapters are re-initialised and the
+        optimizer state emptied; after its last step it is merged and every task so far is evaluated.
+        """
         encoded = self._validate_and_encode(tasks, single_task_accuracies)
         self.single_task_accuracies = list(single_task_accuracies) if single_task_accuracies is not None else None
+        self._base_state = self._merged_state() if self.args.single_task_baselines else None
         finished = self._resume([t.name for t in encoded])
-        report = self.continual_report() if finished else {}
-        for index, task in enumerate(encoded[finished:], start=finished):
-            self.task_index = index
-            set_seed(self.args.seed + index)  # each task's data order independent of the tasks before it
-            begin_task(self.model, index, self.args.seed)
-            self.train_dataset = task.train
-            self.optimizer, self.lr_scheduler = None, None  # a fresh AdamW state and LR schedule per task
-            self._ella_sum, self._ella_logged_step = torch.zeros(()), 0
-            ella_on = self.args.lambda_for_task(index) > 0
-            record_ella_terms(self.model, self.args.ella_delta_mode if ella_on else None)
+        remaining = encoded[finished:]
+        if not remaining:
+            return self.continual_report()
+        self._encoded_tasks = encoded
+        self.task_spans = plan_task_spans(
+            [len(t.train) for t in remaining], finished, self.args.per_device_train_batch_size, self.args.world_size,
+            self.args.gradient_accumulation_steps, self.args.num_train_epochs, self.args.max_steps,
+        )
+        self.train_dataset = concatenate_datasets([t.train for t in remaining])
+        self.optimizer, self.lr_scheduler = None, None
+        max_steps_per_task = self.args.max_steps
+        self.args.max_steps = self.task_spans[-1].end_step  # the Trainer's run: every remaining task
+        try:
             self.train()
-            record_ella_terms(self.model, None)
+        finally:
+            self.args.max_steps = max_steps_per_task
+        return self.continual_report()
+
+    def _begin_task(self, span: TaskSpan) -> None:
+        index = span.index
+        self.task_index = index
+        set_seed(self.args.seed + index)  # dropout etc. of a task independent of the tasks before it
+        with writing_adapters(self.model, include_base=self._base_state is not None):
+            if self._base_state is not None:
+                restore_merged_state(self.model, self._base_state)
+            begin_task(self.model, index, self.args.seed)
+        reset_optimizer_state(self.optimizer)  # Adam moments and step count start afresh, as in a new optimizer
+        self._ella_sum, self._ella_logged_step = torch.zeros(()), self.state.global_step
+        ella_on = self.args.lambda_for_task(index) > 0
+        record_ella_terms(self.model, self.args.ella_delta_mode if ella_on else None)
+        self._jump_callback.start_task(span.first_step, span.num_steps)
+
+    def _end_task(self, span: TaskSpan) -> None:
+        index, encoded = span.index, self._encoded_tasks
+        record_ella_terms(self.model, None)
+        with writing_adapters(self.model, include_base=True):
             self.task_updates.append(end_task(self.model, accumulate_w_past=self.args.uses_ella))
-            self.task_names.append(task.name)
-            row = [self.evaluate_generation(encoded[j]) for j in range(index + 1)]
-            self.accuracy_matrix.append(row + [None] * (len(encoded) - index - 1))
-            report = self.continual_report()
-            self._write_report(report)
-            self._save_sequence_state()
-            logger.info("task %d/%d (%s) done: accuracies %s", index + 1, len(encoded), task.name, row)
-        return report
+        self.task_names.append(encoded[index].name)
+        seen = [index] if self.args.single_task_baselines else range(index + 1)
+        row = [self.evaluate_generation(encoded[j]) if j in seen else None for j in range(index + 1)]
+        self.accuracy_matrix.append(row + [None] * (len(encoded) - index - 1))
+        self._write_report(self.continual_report())
+        self._save_sequence_state()
+        logger.info("task %d/%d (%s) done: accuracies %s", index + 1, len(encoded), encoded[index].name, row)
 
     def _resume(self, names: list[str]) -> int:
         """Continue a run from output_dir: restore its finished tasks and return how many there were."""
@@ -208,7 +253,12 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         logger.info("resuming %s after %d finished task(s): %s", self.args.output_dir, len(done), done)
         return len(done)
 
+    def _merged_state(self) -> dict:
+        with gathered_adapters(self.model, include_base=True):
+            return merged_state(self.model)
+
     def _save_sequence_state(self) -> None:
+        merged = self._merged_state()  # every rank takes part in the ZeRO-3 gather
         if not self.is_world_process_zero():
             return
         state = {
@@ -216,7 +266,7 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
             "tasks": self.task_names,
             "accuracy_matrix": self.accuracy_matrix,
             "updates": [(u.supports, u.numels) for u in self.task_updates],
-            "merged": merged_state(self.model),
+            "merged": merged,
         }
         path = os.path.join(self.args.output_dir, SEQUENCE_STATE_FILE)
         torch.save(state, path + ".tmp")
@@ -248,7 +298,35 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         texts = self.processing_class.batch_decode(tokens, skip_special_tokens=True)
         return exact_match_accuracy(texts, task.answers)
 
+    def save_merged_model(self, output_dir: str) -> None:
+        """The base model with every finished task merged in, as a plain transformers checkpoint (+ tokenizer).
+
+        Under ZeRO-3 the weights are gathered as a 16-bit state dict, which needs
+        `zero3_save_16bit_model: true` (accelerate config) / `stage3_gather_16bit_weights_on_model_save`.
+        Call it on every process.
+        """
+        wrapped = self.model_wrapped if self.is_deepspeed_enabled and self.model_wrapped is not self.model else self.model
+        state = self.accelerator.get_state_dict(wrapped)
+        if not self.is_world_process_zero():
+            return
+        base_state = {}
+        for key, value in state.items():
+            if ".lora_" in key:
+                continue  # the adapters are empty (B = 0) after a task's merge
+            key = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            base_state[key] = value
+        self.model.get_base_model().save_pretrained(output_dir, state_dict=base_state)
+        self.processing_class.save_pretrained(output_dir)
+
     def continual_report(self) -> dict:
+        if self.args.single_task_baselines:
+            return {
+                "method": self.args.method,
+                "tasks": self.task_names,
+                "single_task_baselines": True,
+                "single_task_accuracies": [row[i] for i, row in enumerate(self.accuracy_matrix)],
+                "per_task": [{"name": n, "sparsity": {"mean": float(np.mean(list(u.sparsity().values())))}} for n, u in zip(self.task_names, self.task_updates)],
+            }
         acc = self.accuracy_matrix
         per_task = []
         for index, (name, update) in enumerate(zip(self.task_names, self.task_updates)):
@@ -290,6 +368,27 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         os.replace(path + ".tmp", path)  # a crash mid-write never loses the previous report
 
     # ----------------------------------------------------------------- Trainer hooks
+    def get_train_dataloader(self) -> DataLoader:
+        if not self.task_spans:
+            return super().get_train_dataloader()
+        sampler = TaskBatchSampler(
+            self.task_spans, self.args.per_device_train_batch_size, self.args.world_size,
+            self.args.gradient_accumulation_steps, self.args.seed,
+        )
+        loader = DataLoader(
+            self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)  # deals the batches out to the processes in turn
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None and self.task_spans:
+            self.lr_scheduler = task_restarting_schedule(
+                self.optimizer if optimizer is None else optimizer, self.task_spans, self.args.lr_scheduler_type,
+                self.args.get_warmup_steps, self.args.lr_scheduler_kwargs,
+            )
+        return super().create_scheduler(num_training_steps, optimizer)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs)
         lam = self.args.lambda_for_task(self.task_index)
@@ -318,7 +417,8 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
                 ella = self._ella_sum.item() / steps
                 logs["loss_ella"], logs["loss_ce"] = ella, logs["loss"] - ella
                 self._ella_sum, self._ella_logged_step = torch.zeros(()), self.state.global_step
-            logs.update(threshold_statistics(self.model))
+            with gathered_adapters(self.model):
+                logs.update(threshold_statistics(self.model))
         super().log(logs, *args, **kwargs)
 
     def get_decay_parameter_names(self, model) -> list[str]:
@@ -343,3 +443,29 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         if not self.is_encoder_decoder:
             generated = generated[:, inputs["input_ids"].shape[1] :]  # the continuation after the prompt
         return None, generated, None
+
+
+class _TaskBoundaryCallback(TrainerCallback):
+    """Starts each task at its first optimizer step; finishes it once its last step is done and logged.
+
+    A task is finished at the next step's start (or at the end of training) rather than in
+    `on_step_end`, because the Trainer logs a step after `on_step_end`: the logs of a task's last step
+    then still describe its adapters, not the merged model.
+    """
+
+    def __init__(self, trainer: ContinualSeq2SeqTrainer):
+        self.trainer = trainer
+
+    def _finish_task_ending_at(self, step: int) -> None:
+        span = next((s for s in self.trainer.task_spans if s.end_step == step), None)
+        if span is not None and len(self.trainer.task_names) == span.index:  # not finished yet
+            self.trainer._end_task(span)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._finish_task_ending_at(state.global_step)
+        span = next((s for s in self.trainer.task_spans if s.first_step == state.global_step), None)
+        if span is not None:
+            self.trainer._begin_task(span)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._finish_task_ending_at(state.global_step)

@@ -15,16 +15,28 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tiny import keyword_task, tiny_t5, tokenizer  # noqa: E402
 
 from jumplora_hf import ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, JumpLoraConfig, iter_jumplora_layers  # noqa: E402
+from jumplora_hf.zero import gathered_adapters  # noqa: E402
 
 
 class TaskStartProbe(TrainerCallback):
-    """Max |B| over all adapters at every task start: 0 when the task starts from ΔW = 0."""
+    """Max |B| over all adapters at every task's first step: 0 when the task starts from ΔW = 0."""
 
     def __init__(self):
+        self.trainer = None
         self.max_abs_b = []
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.max_abs_b.append(max(layer.lora_B["default"].weight.abs().max().item() for _, layer in iter_jumplora_layers(model)))
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step in {span.first_step for span in self.trainer.task_spans}:
+            with gathered_adapters(model):
+                self.max_abs_b.append(max(layer.lora_B["default"].weight.abs().max().item() for _, layer in iter_jumplora_layers(model)))
+
+
+def deepspeed_config(stage: int) -> dict:
+    return {
+        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+    }
 
 
 def main():
@@ -33,6 +45,7 @@ def main():
     parser.add_argument("--method", default="jumplora_ella")
     parser.add_argument("--threshold_mode", default="per_block")
     parser.add_argument("--optim", default="sgd", help="sgd: updates linear in the gradient, so backends agree closely")
+    parser.add_argument("--zero_stage", type=int, default=0, help="2 or 3: DeepSpeed ZeRO (launch with 2 processes)")
     cli = parser.parse_args()
     args = ContinualSeq2SeqConfig(
         output_dir=cli.out, method=cli.method, ella_lambda=[0.0, 100.0, 100.0] if "ella" in cli.method else None,
@@ -43,6 +56,7 @@ def main():
         # the gradient doubled by it, so compare backends without it (equal-length examples make it moot)
         average_tokens_across_devices=False,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available() else None,
+        deepspeed=deepspeed_config(cli.zero_stage) if cli.zero_stage else None,
     )
     probe = TaskStartProbe()
     config = JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], threshold_mode=cli.threshold_mode)
@@ -53,8 +67,11 @@ def main():
         keyword_task(f"task{i}", options, triggers, n_train=32, n_eval=12, seed=i, filler=(0, 0))
         for i, (options, triggers) in enumerate([(["aa", "bb"], ["xx", "yy"]), (["cc", "dd"], ["uu", "vv"]), (["ee", "ff"], ["ss", "tt"])])
     ]
+    probe.trainer = trainer
     report = trainer.train_continual(tasks)
-    weights = {name: layer.get_base_layer().weight.detach().float().cpu().clone() for name, layer in iter_jumplora_layers(trainer.model)}
+    with gathered_adapters(trainer.model, include_base=True):
+        weights = {name: layer.get_base_layer().weight.detach().float().cpu().clone() for name, layer in iter_jumplora_layers(trainer.model)}
+    trainer.save_merged_model(os.path.join(cli.out, "merged"))
     if trainer.is_world_process_zero():
         torch.save({"report": report, "weights": weights, "task_start_max_abs_b": probe.max_abs_b,
                     "world_size": trainer.args.world_size}, os.path.join(cli.out, "result.pt"))

@@ -40,14 +40,18 @@ def _trainer(tmp_path, arch="t5", method="jumplora_inclora", callbacks=None, **o
 
 
 class _TaskStartProbe(TrainerCallback):
-    """Records, at every task start, whether ΔW = 0 and which optimizer object the task got."""
+    """Records, at every task's first step, whether ΔW = 0, the optimizer state and the learning rate."""
 
     def __init__(self):
-        self.delta_is_zero, self.optimizers, self.first_lrs = [], [], []
+        self.trainer = None
+        self.delta_is_zero, self.optimizers, self.state_sizes, self.first_lrs = [], [], [], []
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step not in {span.first_step for span in self.trainer.task_spans}:
+            return
         self.delta_is_zero.append(all(not layer.delta_weight("default").any() for _, layer in iter_jumplora_layers(model)))
         self.optimizers.append(optimizer)
+        self.state_sizes.append(len(optimizer.state))
         self.first_lrs.append(optimizer.param_groups[0]["lr"])
 
 
@@ -56,6 +60,7 @@ class _TaskStartProbe(TrainerCallback):
 def test_three_task_run_for_every_method(tmp_path, arch, method):
     probe = _TaskStartProbe()
     trainer = _trainer(tmp_path, arch, method, callbacks=[probe])
+    probe.trainer = trainer
     report = trainer.train_continual(task_stream(3))
     acc = report["accuracy_matrix"]
     assert len(acc) == 3 and all(len(row) == 3 for row in acc)
@@ -69,13 +74,14 @@ def test_three_task_run_for_every_method(tmp_path, arch, method):
         assert all(task["jaccard_with_previous"]["mean"] < 1.0 for task in report["per_task"][1:])
     else:
         assert all(s < 0.01 for s in sparsity)  # plain LoRA merges a dense ΔW
-    # every task starts from ΔW = 0 with a new optimizer and a restarted LR schedule
+    # one optimizer for the whole sequence; every task starts from ΔW = 0, an empty optimizer state and a
+    # restarted LR schedule
     assert probe.delta_is_zero == [True, True, True]
-    assert len({id(o) for o in probe.optimizers}) == 3
+    assert len({id(o) for o in probe.optimizers}) == 1 and probe.state_sizes == [0, 0, 0]
     assert probe.first_lrs == [probe.first_lrs[0]] * 3
-    steps = trainer.state.max_steps
+    assert [span.first_step for span in trainer.task_spans] == [0, 4, 8] and trainer.state.global_step == 12
     counts = [int(state["step"]) for state in trainer.optimizer.state.values()]
-    assert max(counts) == steps and min(counts) > 0  # no Adam state from earlier tasks (τ starts at S_start)
+    assert max(counts) == trainer.task_spans[-1].num_steps and min(counts) > 0  # τ starts at S_start
     logs = [h for h in trainer.state.log_history if "loss" in h]
     if METHODS[method][1]:
         assert all("loss_ella" in h and "loss_ce" in h for h in logs)
@@ -181,14 +187,6 @@ def test_option_longer_than_target_budget_is_refused(tmp_path):
         trainer.train_continual(task_stream(1))
 
 
-class _TaskCounter(TrainerCallback):
-    def __init__(self):
-        self.trained = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trained += 1
-
-
 def test_restart_continues_from_the_last_finished_task(tmp_path):
     full = _trainer(tmp_path / "full", "t5", "jumplora_ella", ella_lambda=[50.0])
     full_report = full.train_continual(task_stream(3))
@@ -196,10 +194,9 @@ def test_restart_continues_from_the_last_finished_task(tmp_path):
     interrupted.train_continual(task_stream(3)[:2])  # as if the session ended after task 2
     assert (tmp_path / "part" / "out" / "continual_state.pt").exists()
 
-    counter = _TaskCounter()
-    resumed = _trainer(tmp_path / "part", "t5", "jumplora_ella", callbacks=[counter], ella_lambda=[50.0])  # a fresh model
+    resumed = _trainer(tmp_path / "part", "t5", "jumplora_ella", ella_lambda=[50.0])  # a fresh model
     report = resumed.train_continual(task_stream(3))
-    assert counter.trained == 1  # only the unfinished task
+    assert [span.index for span in resumed.task_spans] == [2]  # only the unfinished task is trained
     assert report["accuracy_matrix"] == full_report["accuracy_matrix"]
     assert [t["sparsity"] for t in report["per_task"]] == [t["sparsity"] for t in full_report["per_task"]]
     expected = dict(full.model.named_parameters())

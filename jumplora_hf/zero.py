@@ -1,0 +1,92 @@
+"""JumpLoRA's writes outside the optimizer, made correct under DeepSpeed ZeRO.
+
+JumpLoRA changes parameters outside the optimizer step: adapters re-initialised at each task start,
+τ set at S_start, B zeroed and the base weight changed by the merge. Under ZeRO-3 a parameter is a
+shard on each rank: it is gathered whole first, and written once, by rank 0, then re-sharded. Under
+ZeRO 1-3 the optimizer also keeps fp32 master copies of the trainable parameters and copies them back
+over the model's after every step, so a write must reach the master copy too. Without DeepSpeed every
+function here is a no-op wrapper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from .layer import iter_jumplora_layers
+
+
+def _is_zero3(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Whole ZeRO-3 parameters inside the block; with `modifier_rank`, that rank's writes are kept everywhere."""
+    params = list({id(p): p for p in params if _is_zero3(p)}.values())
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def adapter_parameters(model: torch.nn.Module, include_base: bool = False) -> list[torch.nn.Parameter]:
+    """A, B and log τ of every adapted layer (and the frozen base weight it merges into)."""
+    params = []
+    for _, layer in iter_jumplora_layers(model):
+        for name, param in layer.named_parameters():
+            if "lora_" in name or (include_base and name == "base_layer.weight"):
+                params.append(param)
+    return list({id(p): p for p in params}.values())  # τ is shared between the layers of a threshold group
+
+
+def gathered_adapters(model: torch.nn.Module, include_base: bool = False, modifier_rank: int | None = None):
+    return gathered(adapter_parameters(model, include_base), modifier_rank)
+
+
+@contextlib.contextmanager
+def writing_adapters(model: torch.nn.Module, include_base: bool = False) -> Iterator[None]:
+    """Write adapters (and base weights) in place inside the block; ZeRO shards and master copies follow.
+
+    Every rank computes the same values (they are seeded, or derived from gathered weights); rank 0's
+    are the ones kept, so float non-determinism between ranks cannot make them diverge.
+    """
+    with gathered_adapters(model, include_base, modifier_rank=0):
+        yield
+    sync_master_weights(adapter_parameters(model))
+
+
+def sync_master_weights(params: Iterable[torch.nn.Parameter]) -> None:
+    """Copy the current values of trainable parameters into DeepSpeed's fp32 master copies.
+
+    ZeRO-3: each rank copies its own shard (`ds_tensor`, already re-sharded from rank 0's write), which
+    needs no gather and also works for parameters smaller than the number of ranks, such as τ.
+    ZeRO 1-2: the parameter is whole on every rank and is copied into the fragment this rank owns.
+    """
+    params = [p for p in params if p.requires_grad]
+    if not any(_is_zero3(p) or getattr(p, "_hp_mapping", None) is not None for p in params):
+        return
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    for param in params:
+        if _is_zero3(param):
+            safe_set_local_fp32_param(param, param.ds_tensor.data.float())
+        elif getattr(param, "_hp_mapping", None) is not None:
+            safe_set_full_fp32_param(param, param.data.float())
+
+
+def register_adapted_weights_as_external(model: torch.nn.Module) -> None:
+    """ZeRO-3 gathers a module's own parameters when its forward starts. The fused JumpLoRA forward reads
+    the base weight and A, B, τ directly (one GEMM), not through the child modules' forwards, so they are
+    registered as external parameters of the adapted layer: gathered for its forward and backward."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    for _, layer in iter_jumplora_layers(model):
+        for name, param in layer.named_parameters():
+            if "lora_" in name or name == "base_layer.weight":
+                register_external_parameter(layer, param)
