@@ -13,7 +13,7 @@ if [ "$order" = "order4" ]; then tasks="mnli,cb,wic,copa,qqp,boolq"; fi   # CPU 
 common=(--model_name_or_path models/SmolLM2-135M-Instruct --order "$tasks" --eval_split "${EVAL_SPLIT:-test}"
         --max_train_examples 128 --max_eval_examples 64 --per_device_train_batch_size 8 --per_device_eval_batch_size 16
         --max_source_length 128 --target_modules q_proj v_proj --learning_rate "${LR:-3e-3}" --lr_scheduler_type constant
-        --use_cpu true --logging_steps 4 --disable_tqdm true --report_to none)
+        --use_cpu true --logging_steps 4 --disable_tqdm true --report_to none --save_merged false)
 for seed in $seeds; do
   base="runs/$order"
   OMP_NUM_THREADS=1 python recipes/sc.py "${common[@]}" --seed "$seed" --method inclora --single_task_baselines true \

@@ -47,6 +47,10 @@ class RecipeArguments:
     s_start: float = field(default=0.2, metadata={"help": "S_start as a fraction of each task's steps."})
     s_final: float = field(default=0.8, metadata={"help": "S_final as a fraction of each task's steps."})
     jump_bandwidth: float = field(default=0.001, metadata={"help": "ε of the τ pseudo-derivative."})
+    save_merged: bool = field(
+        default=True,
+        metadata={"help": "Save the final merged model to <output_dir>/merged (a plain transformers checkpoint)."},
+    )
     single_task_dir: str = field(
         default=AUTO_OUTPUT_DIR,
         metadata={
@@ -146,7 +150,10 @@ def run(recipe: RecipeArguments, training: ContinualSeq2SeqConfig) -> dict:
         a0 = read_single_task_accuracies(run_dir, [t.name for t in tasks], explicit)
     model, tokenizer = _load_model(recipe.model_name_or_path)
     trainer = ContinualSeq2SeqTrainer(model, training, tokenizer, peft_config=adapters)
-    return trainer.train_continual(tasks, single_task_accuracies=a0)
+    report = trainer.train_continual(tasks, single_task_accuracies=a0)
+    if recipe.save_merged and not training.single_task_baselines:
+        trainer.save_merged_model(os.path.join(training.output_dir, "merged"))
+    return report
 
 
 def main(default_order: str, argv: list[str] | None = None) -> dict:

@@ -23,12 +23,20 @@ class TaskStartProbe(TrainerCallback):
 
     def __init__(self):
         self.trainer = None
-        self.max_abs_b = []
+        self.max_abs_b, self.optimizer_states = [], []
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step in {span.first_step for span in self.trainer.task_spans}:
             with gathered_adapters(model):
                 self.max_abs_b.append(max(layer.lora_B["default"].weight.abs().max().item() for _, layer in iter_jumplora_layers(model)))
+            self.optimizer_states.append(len(innermost_optimizer(self.trainer.optimizer).state))
+
+
+def innermost_optimizer(optimizer):
+    """The torch optimizer inside accelerate's and DeepSpeed's wrappers (for ZeRO: over the flat fp32 shards)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def deepspeed_config(stage: int) -> dict:
@@ -73,7 +81,10 @@ def main():
         weights = {name: layer.get_base_layer().weight.detach().float().cpu().clone() for name, layer in iter_jumplora_layers(trainer.model)}
     trainer.save_merged_model(os.path.join(cli.out, "merged"))
     if trainer.is_world_process_zero():
+        steps = [int(s["step"]) for s in innermost_optimizer(trainer.optimizer).state.values() if "step" in s]
         torch.save({"report": report, "weights": weights, "task_start_max_abs_b": probe.max_abs_b,
+                    "task_start_optimizer_states": probe.optimizer_states, "last_task_steps": trainer.task_spans[-1].num_steps,
+                    "optimizer_step_counts": steps,
                     "world_size": trainer.args.world_size}, os.path.join(cli.out, "result.pt"))
 
 

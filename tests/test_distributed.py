@@ -23,12 +23,12 @@ def extensions_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("torch_extensions")
 
 
-def _run(out_dir, method, extensions_dir, backend=None):
+def _run(out_dir, method, extensions_dir, backend=None, optim="sgd"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(extensions_dir)}
     launcher = [sys.executable]
     if backend is not None:
         launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    command = [*launcher, RUNNER, str(out_dir), "--method", method, *BACKENDS.get(backend, [])]
+    command = [*launcher, RUNNER, str(out_dir), "--method", method, "--optim", optim, *BACKENDS.get(backend, [])]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return torch.load(out_dir / "result.pt", weights_only=False)
@@ -63,9 +63,20 @@ def test_two_processes_match_one_process(tmp_path, single_process, extensions_di
     assert sparsity == [t["sparsity"]["mean"] for t in single["report"]["per_task"]]
     assert all(s > 0.2 for s in sparsity) if method.startswith("jumplora") else all(s < 0.01 for s in sparsity)
     assert multi["task_start_max_abs_b"] == single["task_start_max_abs_b"] == [0.0, 0.0, 0.0]  # every task starts at ΔW = 0
+    assert multi["task_start_optimizer_states"] == [0, 0, 0]
 
     # the final merged model is a plain transformers checkpoint (16-bit gathered under ZeRO-3)
     merged = T5ForConditionalGeneration.from_pretrained(tmp_path / "merged").state_dict()
     for name, weight in single["weights"].items():
         key = name.removeprefix("base_model.model.") + ".weight"
         assert torch.allclose(merged[key].float(), weight, atol=1e-5), key
+
+
+def test_zero3_restarts_adam_state_at_every_task(tmp_path, extensions_dir):
+    # Adam amplifies float-rounding differences, so the backends are not compared weight by weight here (measured:
+    # 1.5e-2 apart after 12 steps); what matters is that every task starts with an empty optimizer state and
+    # that the Adam step counts at the end are those of the last task alone, not of the whole sequence
+    result = _run(tmp_path, "jumplora_ella", extensions_dir, "zero3", optim="adamw_torch")
+    assert result["task_start_optimizer_states"] == [0, 0, 0]
+    assert result["optimizer_step_counts"] and max(result["optimizer_step_counts"]) == result["last_task_steps"] == 4
+    assert result["task_start_max_abs_b"] == [0.0, 0.0, 0.0]

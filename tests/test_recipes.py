@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from transformers import T5ForConditionalGeneration
 from tiny import keyword_task, tiny_t5, tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -54,6 +55,8 @@ def test_tiny_run_of_each_recipe(tiny_setup, name, order):
     report = json.loads((out / "continual_metrics.json").read_text())
     assert report["tasks"] == order  # the default order of each recipe, read from orders.json
     assert report["method"] == "jumplora_ella" and len(report["accuracy_matrix"]) == 2
+    merged = T5ForConditionalGeneration.from_pretrained(out / "merged")  # the final merged model, a plain checkpoint
+    assert not any("lora" in name for name in merged.state_dict())
 
 
 def test_unloadable_model_names_the_offline_way(tiny_setup):
@@ -62,3 +65,18 @@ def test_unloadable_model_names_the_offline_way(tiny_setup):
     assert done.returncode != 0
     assert "could not load model" in done.stderr and "recipes/quickstart.py" in done.stderr
     assert not (tiny_setup / "never").exists()
+
+
+def test_single_task_accuracies_are_read_only_from_a_finished_baseline_of_the_same_tasks(tmp_path):
+    from jumplora_hf.recipe import read_single_task_accuracies
+
+    assert read_single_task_accuracies(str(tmp_path / "absent"), ["t0"], explicit=False) is None
+    with pytest.raises(FileNotFoundError, match="--single_task_baselines true"):
+        read_single_task_accuracies(str(tmp_path / "absent"), ["t0"], explicit=True)
+    (tmp_path / "continual_metrics.json").write_text(
+        json.dumps({"single_task_baselines": True, "tasks": ["t0", "t1"], "single_task_accuracies": [0.5, 0.75]})
+    )
+    assert read_single_task_accuracies(str(tmp_path), ["t0", "t1"], explicit=True) == [0.5, 0.75]
+    assert read_single_task_accuracies(str(tmp_path), ["t0", "t1", "t2"], explicit=False) is None  # unfinished / other tasks
+    with pytest.raises(ValueError, match="not a finished --single_task_baselines run"):
+        read_single_task_accuracies(str(tmp_path), ["t1", "t0"], explicit=True)

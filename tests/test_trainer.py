@@ -18,6 +18,7 @@ from jumplora_hf import (
     iter_jumplora_layers,
 )
 from jumplora_hf.ella import record_ella_terms
+from jumplora_hf.metrics import pack_support
 
 TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
 
@@ -214,3 +215,16 @@ def test_restart_with_other_tasks_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"does not start this run.*choose another output_dir"):
         other.train_continual(task_stream(3)[1:])
     assert (tmp_path / "out" / "continual_state.pt").read_bytes() == state  # nothing overwritten
+
+
+def test_single_task_baselines_train_every_task_from_the_base_model(tmp_path):
+    trainer = _trainer(tmp_path, "t5", "jumplora_inclora", single_task_baselines=True)
+    before = {name: layer.get_base_layer().weight.detach().clone() for name, layer in iter_jumplora_layers(trainer.model)}
+    report = trainer.train_continual(task_stream(2))
+    assert report["single_task_baselines"] and len(report["single_task_accuracies"]) == 2
+    assert all(row[j] is None for row in trainer.accuracy_matrix for j in range(len(row)) if j != trainer.accuracy_matrix.index(row))
+    last_support = trainer.task_updates[-1].supports
+    for name, layer in iter_jumplora_layers(trainer.model):
+        changed = (layer.get_base_layer().weight != before[name]).cpu().numpy()
+        # only the last task's update is in the weights: the first task's was undone before the second began
+        assert (pack_support(changed) == last_support[name]).all(), name
