@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from .cl_benchmark import load_cl_benchmark
 from .config import THRESHOLD_MODES, JumpLoraConfig
+from .reports import write_run_reports
 from .trainer import METRICS_FILE, ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer
 
 # The paper's Appendix Table 7: λ per task for the ELLA methods (the same for ELLA and JumpLoRA + ELLA).
@@ -151,8 +152,11 @@ def run(recipe: RecipeArguments, training: ContinualSeq2SeqConfig) -> dict:
     model, tokenizer = _load_model(recipe.model_name_or_path)
     trainer = ContinualSeq2SeqTrainer(model, training, tokenizer, peft_config=adapters)
     report = trainer.train_continual(tasks, single_task_accuracies=a0)
-    if recipe.save_merged and not training.single_task_baselines:
-        trainer.save_merged_model(os.path.join(training.output_dir, "merged"))
+    if not training.single_task_baselines:
+        if recipe.save_merged:
+            trainer.save_merged_model(os.path.join(training.output_dir, "merged"))
+        if trainer.is_world_process_zero():
+            write_run_reports(training.output_dir, report)  # matrix CSV/JSON, per-task CSV, plots
     return report
 
 

@@ -10,8 +10,10 @@ only inside the plotting functions, so the rest of the package does not need it.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import metrics
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "continual_metrics.json"  # the file ContinualSeq2SeqTrainer writes (trainer.METRICS_FILE)
 METHOD_ORDER = ("inclora", "ella", "jumplora_inclora", "jumplora_ella")
@@ -162,6 +166,9 @@ def write_run_reports(run_dir: str, report: Mapping | None = None) -> list[str]:
         ),
         write_atomic(os.path.join(run_dir, "per_task.csv"), _csv(per_task)),
     ]
+    if importlib.util.find_spec("matplotlib") is None:
+        logger.warning("matplotlib is not installed, so %s gets the tables but no plots: pip install -e '.[plots]'", run_dir)
+        return written
     for plot, filename in (
         (plot_accuracy_matrix, "accuracy_matrix.png"),
         (plot_bwt_per_task, "bwt_per_task.png"),

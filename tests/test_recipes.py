@@ -57,6 +57,8 @@ def test_tiny_run_of_each_recipe(tiny_setup, name, order):
     assert report["method"] == "jumplora_ella" and len(report["accuracy_matrix"]) == 2
     merged = T5ForConditionalGeneration.from_pretrained(out / "merged")  # the final merged model, a plain checkpoint
     assert not any("lora" in name for name in merged.state_dict())
+    for name in ("accuracy_matrix.csv", "accuracy_matrix.json", "per_task.csv", "accuracy_matrix.png", "sparsity_by_depth.png"):
+        assert (out / name).exists(), name  # the run's reports
 
 
 def test_unloadable_model_names_the_offline_way(tiny_setup):
