@@ -20,6 +20,8 @@ from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration, se
 from jumplora_hf import METHODS, ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, JumpLoraConfig
 from jumplora_hf.synthetic import keyword_task_stream
 
+from _report import print_report  # recipes/_report.py: this script's folder is on sys.path
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,13 +62,7 @@ def main(argv=None) -> dict:
 
     if not trainer.is_world_process_zero():
         return report
-    print(f"\nmethod {args.method}; a[i][j] = accuracy on task j after training task i")
-    for name, row in zip(report["tasks"], report["accuracy_matrix"]):
-        print(f"  after {name}: " + "  ".join("  -  " if a is None else f"{a:.3f}" for a in row))
-    print(f"OA {report['overall_accuracy']:.3f}   BWT {report['backward_transfer']:+.3f}")
-    for task in report["per_task"]:
-        overlap = task["jaccard_with_previous"]
-        print(f"  {task['name']}: sparsity {task['sparsity']['mean']:.3f}" + (f", Jaccard with earlier tasks {overlap['mean']:.3f}" if overlap else ""))
+    print_report(report)
     print(f"metrics: {args.output_dir}/continual_metrics.json")
     return report
 
