@@ -131,7 +131,8 @@ def _load_model(path: str):
     except (OSError, ValueError) as error:  # not found, offline, or not a valid Hub id
         raise SystemExit(
             f"could not load model {path!r} ({error.__class__.__name__}: {str(error).splitlines()[0]}).\n"
-            "Offline? Pass --model_name_or_path a local folder, or run the offline quickstart: python recipes/quickstart.py"
+            "Offline? Pass --model_name_or_path a local folder, or run the offline demo: make demo "
+            "(it converts SmolLM2-135M-Instruct into models/SmolLM2-135M-Instruct, which you can pass here)"
         ) from None
 
 
