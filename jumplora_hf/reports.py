@@ -1,10 +1,9 @@
-"""Reports of continual runs: per-run tables and plots, and a mean ± std table over seeds.
+"""Reports of one continual run: its tables and the plots of the paper's Fig. 2-4 (several runs: `aggregation`).
 
 A run directory holds `continual_metrics.json`, which `ContinualSeq2SeqTrainer` rewrites after every task.
-`write_run_reports` turns it into CSV/JSON tables and the plots of the paper's Fig. 2-4; `aggregate_runs` and
-`format_table` give the shape of its Tables 1-2: methods as rows, task orders as columns, mean ± std over seeds.
-OA, BWT and FWT are always recomputed from the accuracy matrix by `jumplora_hf.metrics`. matplotlib is imported
-only inside the plotting functions, so the rest of the package does not need it.
+`write_run_reports` turns it into CSV/JSON tables and PNG plots. OA, BWT and FWT are always recomputed from the
+accuracy matrix by `jumplora_hf.metrics`. matplotlib is imported only inside the plotting functions, so the
+rest of the package does not need it.
 """
 
 from __future__ import annotations
@@ -17,10 +16,7 @@ import logging
 import math
 import os
 import re
-import statistics
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,18 +25,8 @@ from . import metrics
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "continual_metrics.json"  # the file ContinualSeq2SeqTrainer writes (trainer.METRICS_FILE)
-METHOD_ORDER = ("inclora", "ella", "jumplora_inclora", "jumplora_ella")
 METHOD_NAMES = {"inclora": "IncLoRA", "ella": "ELLA", "jumplora_inclora": "JumpLoRA + IncLoRA", "jumplora_ella": "JumpLoRA + ELLA"}
 
-# OA (%) of the paper's Table 1 (mean over seeds 42-44), for `format_table(..., paper=PAPER_OA)`.
-PAPER_OA = {
-    "inclora": {"order1": 59.25, "order2": 58.69, "order3": 69.86, "order4": 56.83, "order5": 56.40, "order6": 54.32},
-    "ella": {"order1": 78.09, "order2": 78.37, "order3": 78.23, "order4": 72.64, "order5": 67.91, "order6": 74.15},
-    "jumplora_inclora": {"order1": 70.76, "order2": 69.26, "order3": 74.78, "order4": 65.35, "order5": 61.84, "order6": 64.06},
-    "jumplora_ella": {"order1": 78.84, "order2": 79.05, "order3": 78.67, "order4": 73.60, "order5": 68.76, "order6": 75.81},
-}
-
-_SEED_DIR = re.compile(r"seed\d+")
 _LAYER_DEPTH = re.compile(r"(?:^|\.)(?:(encoder|decoder)\.)?(?:block|layers)\.(\d+)\.")
 _CROSS_ATTENTION = ("EncDecAttention", "encoder_attn", "crossattention")
 _MAX_MODULE_LINES = 4
@@ -128,7 +114,7 @@ def write_atomic(path: str, data: str | bytes) -> str:
     return path
 
 
-def _number(value: float | None) -> str:
+def format_number(value: float | None) -> str:
     """At most 6 decimals, without trailing zeros; an empty cell for a missing value."""
     if value is None or math.isnan(value):
         return ""
@@ -136,7 +122,7 @@ def _number(value: float | None) -> str:
     return "0" if text == "-0" else text
 
 
-def _csv(rows: Iterable[Sequence]) -> str:
+def csv_text(rows: Iterable[Sequence]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
     return buffer.getvalue()
@@ -155,16 +141,16 @@ def write_run_reports(run_dir: str, report: Mapping | None = None) -> list[str]:
     tasks = list(report["tasks"])
     summary = run_summary(report)
 
-    matrix_rows = [["", *tasks]] + [[f"after {name}", *map(_number, row)] for name, row in zip(tasks, trained_matrix(report))]
+    matrix_rows = [["", *tasks]] + [[f"after {name}", *map(format_number, row)] for name, row in zip(tasks, trained_matrix(report))]
     per_task = [["task", "overall_accuracy", "backward_transfer", "sparsity_mean", "jaccard_mean"]]
-    per_task += [[row["task"], *(_number(row[key]) for key in per_task[0][1:])] for row in per_task_rows(report)]
+    per_task += [[row["task"], *(format_number(row[key]) for key in per_task[0][1:])] for row in per_task_rows(report)]
     written = [
-        write_atomic(os.path.join(run_dir, "accuracy_matrix.csv"), _csv(matrix_rows)),
+        write_atomic(os.path.join(run_dir, "accuracy_matrix.csv"), csv_text(matrix_rows)),
         write_atomic(
             os.path.join(run_dir, "accuracy_matrix.json"),
             json.dumps({"tasks": tasks, "accuracy_matrix": report["accuracy_matrix"], **summary}, indent=1) + "\n",
         ),
-        write_atomic(os.path.join(run_dir, "per_task.csv"), _csv(per_task)),
+        write_atomic(os.path.join(run_dir, "per_task.csv"), csv_text(per_task)),
     ]
     if importlib.util.find_spec("matplotlib") is None:
         logger.warning("matplotlib is not installed, so %s gets the tables but no plots: pip install -e '.[plots]'", run_dir)
@@ -330,232 +316,3 @@ def plot_sparsity_by_depth(report: Mapping, path: str) -> str | None:
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
     fig.suptitle(_title(report, "sparsity by layer depth"))
     return _save_png(fig, path)
-
-
-# ----------------------------------------------------------------------------- several runs
-@dataclass
-class Stat:
-    mean: float
-    std: float | None  # sample standard deviation (ddof=1); None for a single value
-    n: int
-
-
-@dataclass
-class GroupResult:
-    """The runs (seeds) of one method on one task order."""
-
-    order: str
-    method: str
-    run_dirs: list[str]
-    tasks: list[str]
-    overall_accuracy: Stat
-    backward_transfer: Stat | None
-    forward_transfer: Stat | None
-    sparsity: Stat | None  # mean over adapted layers of the last task's merged update
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def n(self) -> int:
-        return len(self.run_dirs)
-
-
-def _stat(values: Iterable[float | None]) -> Stat | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
-
-
-def run_label(run_dir: str, method: str) -> str:
-    """The task order of a run, from the layout `runs/<order>/<method>/seed<seed>` (or `runs/<label>/<method>`)."""
-    parent, base = os.path.split(os.path.normpath(os.path.abspath(run_dir)))
-    if _SEED_DIR.fullmatch(base):
-        return os.path.basename(os.path.dirname(parent))
-    if base == method:
-        return os.path.basename(parent)
-    raise ValueError(
-        f"cannot tell the task order of {run_dir}: it is not laid out as runs/<order>/<method>/seed<seed>; "
-        f"pass labels={{{run_dir!r}: '<order>'}} (--label {run_dir}=<order>)"
-    )
-
-
-def _natural_key(text: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
-def _method_key(method: str) -> tuple:
-    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
-
-
-def aggregate_runs(run_dirs: Iterable[str], labels: Mapping[str, str] | None = None, allow_partial: bool = False) -> list[GroupResult]:
-    """Group runs by (task order, method) and give mean ± sample std (ddof=1) over each group's runs.
-
-    The order label comes from `labels` (run dir → label) or else from the run dir layout (`run_label`). A group
-    whose runs were trained on different task lists, or that holds an unfinished run, is refused unless
-    `allow_partial`, which reports it anyway with a note; run dirs without a report are then skipped.
-
-    Single-task baseline runs (`--single_task_baselines`, `runs/<order>/single_task/seed<seed>`) among `run_dirs`
-    are not rows: they give FWT to the runs of the same order and seed directory whose report has no a0.
-    """
-    labels = {os.path.normpath(k): v for k, v in (labels or {}).items()}
-    groups: dict[tuple[str, str], list[tuple[str, dict]]] = {}
-    baselines: dict[tuple[str, str], dict] = {}
-    seen = set()
-    for run_dir in run_dirs:
-        if os.path.realpath(run_dir) in seen:  # overlapping shell globs
-            continue
-        seen.add(os.path.realpath(run_dir))
-        if not os.path.exists(os.path.join(run_dir, METRICS_FILE)):
-            if not allow_partial:
-                raise ValueError(
-                    f"{run_dir} has no {METRICS_FILE}: it has not finished a task. Leave it out, or pass "
-                    "allow_partial=True (--allow-partial) to skip it"
-                )
-            warnings.warn(f"{run_dir} has no {METRICS_FILE}; left out")
-            continue
-        report = load_report(run_dir)
-        baseline = bool(report.get("single_task_baselines"))
-        order = labels.get(os.path.normpath(run_dir)) or run_label(run_dir, "single_task" if baseline else report["method"])
-        if baseline:
-            baselines[order, _seed_name(run_dir)] = report
-        else:
-            groups.setdefault((order, report["method"]), []).append((run_dir, report))
-    if not groups:
-        raise ValueError(f"no continual run to aggregate: pass run directories that hold a {METRICS_FILE}")
-    keys = sorted(groups, key=lambda key: (_natural_key(key[0]), _method_key(key[1])))
-    return [_summarize_group(order, method, groups[order, method], allow_partial, baselines) for order, method in keys]
-
-
-def _seed_name(run_dir: str) -> str:
-    return os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
-
-
-def _single_task_accuracies(run_dir: str, report: Mapping, order: str, baselines: Mapping) -> list[float] | None:
-    if report.get("single_task_accuracies"):
-        return report["single_task_accuracies"]
-    baseline = baselines.get((order, _seed_name(run_dir)))
-    tasks = list(report["tasks"])
-    if baseline is None or list(baseline["tasks"][: len(tasks)]) != tasks:
-        return None
-    return baseline["single_task_accuracies"]
-
-
-def _summarize_group(order: str, method: str, runs: list[tuple[str, dict]], allow_partial: bool, baselines: Mapping) -> GroupResult:
-    where = f"{order} / {method}"
-    notes = []
-    unfinished = [(d, r) for d, r in runs if not is_finished(r)]
-    if unfinished:
-        listed = ", ".join(f"{d} ({len(r['tasks'])}/{len(r['accuracy_matrix'][0])} tasks)" for d, r in unfinished)
-        if not allow_partial:
-            raise ValueError(
-                f"{where}: unfinished run(s) {listed}. Resume them (rerun the same command), leave them out, or "
-                "pass allow_partial=True (--allow-partial) to report them with a note"
-            )
-        notes.append(f"{len(unfinished)} of {len(runs)} runs unfinished: {listed}")
-    task_lists = {tuple(r["tasks"]) for _, r in runs}
-    longest = max(task_lists, key=len)
-    # An unfinished run holds a prefix of its sequence; the sequence length is the width of the accuracy matrix.
-    differ = (
-        len({tuple(r["tasks"]) for _, r in runs if is_finished(r)}) > 1
-        or len({len(r["accuracy_matrix"][0]) for _, r in runs}) > 1
-        or any(longest[: len(tasks)] != tasks for tasks in task_lists)
-    )
-    if differ:
-        listed = "; ".join(f"{d}: {r['tasks']}" for d, r in runs)
-        if not allow_partial:
-            raise ValueError(
-                f"{where}: the runs were trained on different task lists ({listed}). Aggregate one task order per "
-                "group: give them different labels (labels= / --label DIR=ORDER), or pass allow_partial=True "
-                "(--allow-partial) to report them together with a note"
-            )
-        notes.append(f"the runs were trained on different task lists ({listed})")
-    summaries = [run_summary(r, _single_task_accuracies(d, r, order, baselines)) for d, r in runs]
-    return GroupResult(
-        order=order,
-        method=method,
-        run_dirs=[d for d, _ in runs],
-        tasks=list(longest),
-        overall_accuracy=_stat(s["overall_accuracy"] for s in summaries),
-        backward_transfer=_stat(s["backward_transfer"] for s in summaries),
-        forward_transfer=_stat(s["forward_transfer"] for s in summaries),
-        sparsity=_stat(r["per_task"][-1]["sparsity"]["mean"] if r.get("per_task") else None for _, r in runs),
-        notes=notes,
-    )
-
-
-# ----------------------------------------------------------------------------- tables
-_TABLE_METRICS = (
-    ("overall_accuracy", "oa", "Overall accuracy (OA, %)"),
-    ("backward_transfer", "bwt", "Backward transfer (BWT, %)"),
-    ("forward_transfer", "fwt", "Forward transfer (FWT, %)"),
-    ("sparsity", "sparsity", "Sparsity of the last task's merged update (%, mean over adapted layers)"),
-)
-
-
-def _pct(value: float) -> str:
-    text = f"{100 * value:.1f}"
-    return "0.0" if text == "-0.0" else text
-
-
-def _cell(stat: Stat | None, common_n: int | None) -> str:
-    if stat is None:
-        return "–"
-    text = _pct(stat.mean) if stat.std is None else f"{_pct(stat.mean)} ± {_pct(stat.std)}"
-    return text if stat.n == common_n else f"{text} (n={stat.n})"
-
-
-def format_table(table: Sequence[GroupResult], fmt: str = "markdown", paper: Mapping[str, Mapping[str, float]] | None = None) -> str:
-    """Markdown: one table per metric (OA, BWT, and FWT / sparsity when present), methods as rows and task orders
-    as columns, cells "mean ± std" in percent with one decimal. `paper` ({method: {order: OA %}}, e.g.
-    `PAPER_OA`) adds a "(paper)" column after each order it covers in the OA table.
-
-    csv: one line per (order, method) with n, the means and stds in percent, the paper's OA and the notes.
-    """
-    if fmt not in ("markdown", "csv"):
-        raise ValueError(f"fmt must be 'markdown' or 'csv', got {fmt!r}")
-    paper = paper or {}
-    if fmt == "csv":
-        header = ["order", "method", "n"] + [f"{short}_{part}" for _, short, _ in _TABLE_METRICS for part in ("mean", "std")]
-        lines = [header + ["paper_oa", "notes"]]
-        for group in sorted(table, key=lambda g: (_method_key(g.method), _natural_key(g.order))):
-            values = []
-            for attr, _, _ in _TABLE_METRICS:
-                stat = getattr(group, attr)
-                values += ["", ""] if stat is None else [_number(100 * stat.mean), _number(None if stat.std is None else 100 * stat.std)]
-            lines.append([group.order, group.method, group.n, *values, _number(paper.get(group.method, {}).get(group.order)), "; ".join(group.notes)])
-        return _csv(lines)
-
-    orders = sorted({g.order for g in table}, key=_natural_key)
-    methods = sorted({g.method for g in table}, key=_method_key)
-    cells = {(g.order, g.method): g for g in table}
-    counts = {g.n for g in table}
-    common_n = next(iter(counts)) if len(counts) == 1 else None
-    sections = []
-    for attr, _, title in _TABLE_METRICS:
-        if all(getattr(g, attr) is None for g in table):
-            continue
-        columns = [(order, False) for order in orders]
-        if attr == "overall_accuracy":
-            columns = [c for order in orders for c in [(order, False)] + ([(order, True)] if any(order in p for p in paper.values()) else [])]
-        lines = [
-            "| Method | " + " | ".join(f"{order} (paper)" if is_paper else order for order, is_paper in columns) + " |",
-            "|:--|" + "--:|" * len(columns),
-        ]
-        for method in methods:
-            row = []
-            for order, is_paper in columns:
-                if is_paper:
-                    value = paper.get(method, {}).get(order)
-                    row.append("–" if value is None else f"{value:.2f}")
-                else:
-                    group = cells.get((order, method))
-                    row.append("" if group is None else _cell(getattr(group, attr), common_n))
-            lines.append(f"| {METHOD_NAMES.get(method, method)} | " + " | ".join(row) + " |")
-        sections.append(f"### {title}\n\n" + "\n".join(lines))
-    footer = "Mean ± sample standard deviation (ddof=1) over the runs (seeds) of each cell, in percent; "
-    footer += "n runs per cell as shown." if common_n is None else f"n = {common_n} run(s) per cell unless shown."
-    footer += " A value without ± is a single run; – is not available; an empty cell has no run."
-    notes = [f"- {g.order} / {METHOD_NAMES.get(g.method, g.method)}: {note}" for g in table for note in g.notes]
-    if notes:
-        footer += "\n\nNotes:\n" + "\n".join(notes)
-    return "\n\n".join(sections + [footer]) + "\n"

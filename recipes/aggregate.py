@@ -18,7 +18,8 @@ import argparse
 import os
 import sys
 
-from jumplora_hf.reports import PAPER_OA, aggregate_runs, format_table, write_atomic, write_run_reports
+from jumplora_hf.aggregation import PAPER_OA, aggregate_runs, format_table
+from jumplora_hf.reports import write_atomic, write_run_reports
 
 
 def parse_args(argv=None) -> argparse.Namespace:
