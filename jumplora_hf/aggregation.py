@@ -47,6 +47,7 @@ class GroupResult:
     forward_transfer: Stat | None
     sparsity: Stat | None  # mean over adapted layers of the last task's merged update
     notes: list[str] = field(default_factory=list)
+    finished_by_seed: dict[str, dict] = field(default_factory=dict)  # seed dir name -> run_summary of a finished run
 
     @property
     def n(self) -> int:
@@ -174,7 +175,63 @@ def _summarize_group(order: str, method: str, runs: list[tuple[str, dict]], allo
         forward_transfer=_stat(s["forward_transfer"] for s in summaries),
         sparsity=_stat(r["per_task"][-1]["sparsity"]["mean"] if r.get("per_task") else None for _, r in runs),
         notes=notes,
+        finished_by_seed={_seed_name(d): s for (d, r), s in zip(runs, summaries) if is_finished(r)},
     )
+
+
+# ----------------------------------------------------------------------------- JumpLoRA against its base method
+JUMPLORA_PAIRS = (("jumplora_inclora", "inclora"), ("jumplora_ella", "ella"))
+
+
+@dataclass
+class PairedDifference:
+    """method − baseline on one order, paired by seed: with few seeds, the seed-to-seed spread of either method
+    alone is larger than the effect, while both methods of one seed share the data subsample and the first task."""
+
+    order: str
+    method: str
+    baseline: str
+    seeds: list[str]
+    overall_accuracy: Stat
+    backward_transfer: Stat | None
+
+
+def paired_differences(table: Sequence[GroupResult], pairs: Sequence[tuple[str, str]] = JUMPLORA_PAIRS) -> list[PairedDifference]:
+    """For each (method, baseline) of `pairs` present on an order: mean ± std over the seeds (run dir names
+    `seed<N>`) that both finished, of the per-seed differences in OA and BWT."""
+    cells = {(g.order, g.method): g for g in table}
+    differences = []
+    for order in sorted({g.order for g in table}, key=_natural_key):
+        for method, baseline in pairs:
+            if (order, method) not in cells or (order, baseline) not in cells:
+                continue
+            ours, theirs = cells[order, method].finished_by_seed, cells[order, baseline].finished_by_seed
+            seeds = sorted(set(ours) & set(theirs), key=_natural_key)
+            if not seeds:
+                continue
+
+            def difference(key: str) -> Stat | None:
+                return _stat(None if ours[s][key] is None or theirs[s][key] is None else ours[s][key] - theirs[s][key] for s in seeds)
+
+            differences.append(PairedDifference(order, method, baseline, seeds, difference("overall_accuracy"), difference("backward_transfer")))
+    return differences
+
+
+def format_paired_differences(differences: Sequence[PairedDifference]) -> str:
+    """A markdown table of `paired_differences`, in percentage points; empty when there is nothing to pair."""
+    if not differences:
+        return ""
+    lines = [
+        "### JumpLoRA minus its base method, paired by seed (percentage points)",
+        "",
+        "| Order | Comparison | Seeds | ΔOA | ΔBWT |",
+        "|:--|:--|:--|--:|--:|",
+    ]
+    for d in differences:
+        seeds = ", ".join(s.removeprefix("seed") for s in d.seeds)
+        comparison = f"{METHOD_NAMES.get(d.method, d.method)} − {METHOD_NAMES.get(d.baseline, d.baseline)}"
+        lines.append(f"| {d.order} | {comparison} | {seeds} | {_cell(d.overall_accuracy, len(d.seeds))} | {_cell(d.backward_transfer, len(d.seeds))} |")
+    return "\n".join(lines) + "\n\nMean ± sample standard deviation (ddof=1) of the per-seed differences.\n"
 
 
 # ----------------------------------------------------------------------------- tables

@@ -1,5 +1,7 @@
 """Mean ± std over seeds of continual runs: methods × task orders, the shape of the paper's Tables 1-2.
 
+The markdown output ends with JumpLoRA's effect on its base method (IncLoRA, ELLA) paired by seed.
+
 Each run directory holds the `continual_metrics.json` that ContinualSeq2SeqTrainer writes after every task. The
 task order of a run is read from the layout the recipes write, `runs/<order>/<method>/seed<seed>` (or given with
 --label). The std is the sample standard deviation (ddof=1) over the runs of a cell.
@@ -18,7 +20,7 @@ import argparse
 import os
 import sys
 
-from jumplora_hf.aggregation import PAPER_OA, aggregate_runs, format_table
+from jumplora_hf.aggregation import PAPER_OA, aggregate_runs, format_paired_differences, format_table, paired_differences
 from jumplora_hf.reports import write_atomic, write_run_reports
 
 
@@ -50,6 +52,9 @@ def main(argv=None) -> str:
         written = [path for group in table for run_dir in group.run_dirs for path in write_run_reports(run_dir)]
         print(f"wrote {len(written)} report files in {sum(g.n for g in table)} run directories", file=sys.stderr)
     text = format_table(table, fmt=args.format, paper=PAPER_OA if args.paper else None)
+    paired = format_paired_differences(paired_differences(table)) if args.format == "markdown" else ""
+    if paired:
+        text += "\n" + paired
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         write_atomic(args.out, text)

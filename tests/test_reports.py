@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from jumplora_hf.aggregation import PAPER_OA, aggregate_runs, format_table
+from jumplora_hf.aggregation import PAPER_OA, aggregate_runs, format_paired_differences, format_table, paired_differences
 from jumplora_hf.reports import parse_layer_name, trained_matrix, write_run_reports
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -152,6 +152,18 @@ def test_aggregate_mean_and_sample_std(runs):
     assert lines[0] == ("order,method,n,oa_mean,oa_std,bwt_mean,bwt_std,fwt_mean,fwt_std,sparsity_mean,sparsity_std,paper_oa,notes")
     assert lines[1].startswith("order1,inclora,2,") and lines[2].startswith("order4,ella,1,")  # methods in the paper's order
     assert lines[3] == "order1,jumplora_inclora,3,70,10,-30,15,,,80,0,,"
+
+
+def test_paired_differences_use_the_seeds_both_methods_finished(runs, tmp_path):
+    unfinished = make_report(method="inclora", acc=[[0.9, None, None], [0.7, 0.8, None]], tasks=("t0", "t1"), sparsity=(0.0, 0.0), jaccard=(None, 1.0))
+    runs = runs + [write_run(tmp_path / "runs" / "order1" / "inclora" / "seed44", unfinished)]
+    (pair,) = paired_differences(aggregate_runs(runs, allow_partial=True))  # no jumplora_ella on order4: no pair there
+    # jumplora_inclora seeds 42, 43 (OA 0.6, 0.7; BWT -0.45, -0.3) against inclora (OA 0.7, BWT -0.3); seed 44 unfinished
+    assert (pair.order, pair.method, pair.baseline, pair.seeds) == ("order1", "jumplora_inclora", "inclora", ["seed42", "seed43"])
+    assert pair.overall_accuracy.mean == pytest.approx(-0.05) and pair.overall_accuracy.std == pytest.approx(0.1 / 2**0.5)
+    assert pair.backward_transfer.mean == pytest.approx(-0.075) and pair.backward_transfer.n == 2
+    assert "| order1 | JumpLoRA + IncLoRA − IncLoRA | 42, 43 | -5.0 ± 7.1 | -7.5 ± 10.6 |" in format_paired_differences([pair])
+    assert format_paired_differences([]) == ""
 
 
 def test_single_task_baselines_give_fwt_and_are_not_rows(runs, tmp_path):
