@@ -224,3 +224,17 @@ def test_aggregate_script(tmp_path):
     assert csv_text.splitlines()[1].startswith("order1,jumplora_inclora,2,70,14.142136,")
     with pytest.raises(SystemExit, match="different task lists"):
         recipe.main([*seeds, write_run(tmp_path / "runs" / "order1" / "jumplora_inclora" / "seed44", make_report(tasks=("t1", "t0", "t2")))])
+
+
+def test_mean_matrices_script_averages_finished_runs(runs, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("mean_matrices", os.path.join(ROOT, "benchmarks", "mean_matrices.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    unfinished = make_report(acc=[[0.1, None, None], [0.1, 0.1, None]], tasks=("t0", "t1"), sparsity=(0.5, 0.6), jaccard=(None, 0.1))
+    write_run(tmp_path / "runs" / "order1" / "jumplora_inclora" / "seed45", unfinished)
+    script.main([str(tmp_path / "runs"), "order1"])
+    out = capsys.readouterr().out
+    assert "**order1 · JumpLoRA + IncLoRA** (mean of seeds 42, 43, 44)" in out  # seed 45 is unfinished
+    assert "| t2 | 50.0 | 60.0 | 100.0 |" in out  # last rows (0.3, 0.5), (0.5, 0.6), (0.7, 0.7) and a[2][2] = 1
+    assert "(%): 50.0, 60.0, 80.0. Mean Jaccard overlap with the earlier tasks' supports: 0.100, 0.050." in out
+    assert "**order1 · IncLoRA** (mean of seeds 42, 43)" in out and "order4" not in out
