@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 
 import yaml
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser, TrainerCallback
 
 from .cl_benchmark import load_cl_benchmark
 from .config import THRESHOLD_MODES, JumpLoraConfig
@@ -136,6 +136,20 @@ def _load_model(path: str):
         ) from None
 
 
+class LogHistoryFile(TrainerCallback):
+    """Appends every training log, with its optimizer step, to <output_dir>/log_history.jsonl (main process only).
+
+    A restarted run appends again from the start of its first unfinished task: for a step logged twice, the
+    last line is the one of the run that finished it.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(os.path.join(args.output_dir, "log_history.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
 def run(recipe: RecipeArguments, training: ContinualSeq2SeqConfig) -> dict:
     tasks = load_cl_benchmark(
         recipe.data_dir, recipe.order, recipe.eval_split, recipe.max_train_examples, recipe.max_eval_examples, training.seed
@@ -151,7 +165,7 @@ def run(recipe: RecipeArguments, training: ContinualSeq2SeqConfig) -> dict:
         run_dir = recipe.single_task_dir if explicit else default_run_dir(recipe, training, "single_task")
         a0 = read_single_task_accuracies(run_dir, [t.name for t in tasks], explicit)
     model, tokenizer = _load_model(recipe.model_name_or_path)
-    trainer = ContinualSeq2SeqTrainer(model, training, tokenizer, peft_config=adapters)
+    trainer = ContinualSeq2SeqTrainer(model, training, tokenizer, peft_config=adapters, callbacks=[LogHistoryFile()])
     report = trainer.train_continual(tasks, single_task_accuracies=a0)
     if not training.single_task_baselines:
         if recipe.save_merged:

@@ -48,7 +48,7 @@ def test_tiny_run_of_each_recipe(tiny_setup, name, order):
     done = _script(
         name, "--model_name_or_path", str(tiny_setup / "model"), "--data_dir", str(tiny_setup / "data"),
         "--output_dir", str(out), "--method", "jumplora_ella", "--ella_lambda", "0", "100", "--per_device_train_batch_size", "4",
-        "--max_source_length", "128", "--target_modules", "q", "v", "--use_cpu", "--disable_tqdm", "true",
+        "--max_source_length", "128", "--target_modules", "q", "v", "--use_cpu", "--disable_tqdm", "true", "--logging_steps", "1",
         launcher=(sys.executable,),
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -59,6 +59,9 @@ def test_tiny_run_of_each_recipe(tiny_setup, name, order):
     assert not any("lora" in name for name in merged.state_dict())
     for name in ("accuracy_matrix.csv", "accuracy_matrix.json", "per_task.csv", "accuracy_matrix.png", "sparsity_by_depth.png"):
         assert (out / name).exists(), name  # the run's reports
+    logged = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    steps = [entry["step"] for entry in logged if "loss" in entry]
+    assert steps == sorted(steps) and steps[0] >= 1 and {entry["task"] for entry in logged if "loss" in entry} == {0, 1}
 
 
 def test_unloadable_model_names_the_offline_way(tiny_setup):

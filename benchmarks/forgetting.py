@@ -1,0 +1,203 @@
+"""The pre-registered forgetting experiment of docs/RESULTS.md: its runs, a resumable worker, and their status.
+
+Every run is `recipes/sc.py` with the protocol's flags. A worker takes the first run that is neither finished nor
+held by another worker (a lock file), trains it with one thread, and starts over, until nothing is left that it
+can run. Runs resume from their last finished task, so a worker can be stopped at any time. Each run dir gets
+`run_info.json` with the commit of the code that trained it (one entry per start).
+
+    python benchmarks/forgetting.py list                     # the runs, in priority order, with their state
+    nohup python benchmarks/forgetting.py work > runs/forgetting/worker1.log 2>&1 &
+    nohup nice -n 19 python benchmarks/forgetting.py work > runs/forgetting/worker2.log 2>&1 &   # a second, low priority
+
+Needs the converted model (make demo writes models/SmolLM2-135M-Instruct) and ../shared/cl_benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = os.path.join("runs", "forgetting")
+SEEDS_MAIN = (42, 43, 44, 45, 46)
+SEEDS_3 = (42, 43, 44)
+LAMBDA_GRID = ("3e4", "3e5", "3e6")
+# The protocol's fixed settings (docs/RESULTS.md, "Protocol").
+COMMON = [
+    "--model_name_or_path", "models/SmolLM2-135M-Instruct", "--data_dir", os.path.join("..", "shared", "cl_benchmark"),
+    "--max_train_examples", "256", "--max_eval_examples", "128", "--per_device_train_batch_size", "8",
+    "--per_device_eval_batch_size", "16", "--max_source_length", "128", "--target_modules", "q_proj", "v_proj",
+    "--lora_r", "8", "--lora_alpha", "32", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant",
+    "--s_start", "0.2", "--s_final", "0.8", "--use_cpu", "true", "--logging_steps", "2", "--disable_tqdm", "true",
+    "--report_to", "none", "--save_merged", "false",
+]
+
+
+@dataclass
+class Run:
+    name: str  # also its folder under runs/forgetting
+    order: str
+    method: str
+    seed: int
+    split: str = "test"
+    flags: list[str] = field(default_factory=list)
+    ella_lambda: str | None = None  # "best": the λ chosen on dev by the grid runs
+    single_task: bool = False
+
+    @property
+    def output_dir(self) -> str:
+        return os.path.join(RUNS, self.name)
+
+    def n_tasks(self) -> int:
+        return 4  # orders 1-3 of Standard CL
+
+
+def plan() -> list[Run]:
+    """All runs, in the order a worker takes them (the main comparison first, paired by seed)."""
+    runs = []
+    for seed in SEEDS_MAIN:
+        for method in ("inclora", "jumplora_inclora"):
+            runs.append(Run(f"test/order1/{method}/seed{seed}", "order1", method, seed))
+    for lam in LAMBDA_GRID:
+        runs.append(Run(f"dev_lambda{lam}/order1/ella/seed42", "order1", "ella", 42, split="dev", ella_lambda=lam))
+    for seed in SEEDS_3:
+        runs.append(Run(f"test/order1/single_task/seed{seed}", "order1", "inclora", seed, single_task=True))
+    for seed in SEEDS_3:
+        for method in ("inclora", "jumplora_inclora"):
+            runs.append(Run(f"test/order2/{method}/seed{seed}", "order2", method, seed))
+    for seed in SEEDS_3:
+        for method in ("ella", "jumplora_ella"):
+            runs.append(Run(f"test/order1/{method}/seed{seed}", "order1", method, seed, ella_lambda="best"))
+    return runs
+
+
+def _report(run: Run) -> dict | None:
+    path = os.path.join(ROOT, run.output_dir, "continual_metrics.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def is_finished(run: Run) -> bool:
+    report = _report(run)
+    if report is None:
+        return False
+    if run.single_task:
+        return len(report.get("single_task_accuracies") or []) == run.n_tasks()
+    last = report["accuracy_matrix"][-1] if report["accuracy_matrix"] else []
+    return len(report["tasks"]) == run.n_tasks() and all(v is not None for v in last)
+
+
+def best_lambda() -> str | None:
+    """The grid's λ with the best dev OA (ties: the smaller λ); None until every grid run has finished."""
+    grid = [r for r in plan() if r.name.startswith("dev_lambda")]
+    if not all(is_finished(r) for r in grid):
+        return None
+    scores = {r.ella_lambda: _report(r)["overall_accuracy"] for r in grid}
+    return max(LAMBDA_GRID, key=lambda lam: (scores[lam], -float(lam)))
+
+
+def command(run: Run) -> list[str] | None:
+    """The recipe's command line for `run`; None while it waits for the λ grid."""
+    flags = [*COMMON, "--order", run.order, "--eval_split", run.split, "--seed", str(run.seed), "--method", run.method]
+    flags += ["--output_dir", run.output_dir, *run.flags]
+    if run.single_task:
+        flags += ["--single_task_baselines", "true"]
+    else:
+        flags += ["--single_task_dir", "none"]  # FWT is computed afterwards, from the a0 runs
+    if run.method.endswith("ella"):
+        lam = best_lambda() if run.ella_lambda == "best" else run.ella_lambda
+        if lam is None:
+            return None
+        flags += ["--ella_lambda", "0", *([lam] * (run.n_tasks() - 1))]  # no W_past during the first task
+    return [sys.executable, os.path.join("recipes", "sc.py"), *flags]
+
+
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _record_start(run: Run, argv: list[str]) -> None:
+    path = os.path.join(ROOT, run.output_dir, "run_info.json")
+    info = {"starts": []}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    info["starts"].append({"commit": _commit(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": argv[1:]})
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _try_lock(run: Run):
+    os.makedirs(os.path.join(ROOT, run.output_dir), exist_ok=True)
+    handle = open(os.path.join(ROOT, run.output_dir, ".lock"), "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def work() -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    while True:
+        waiting = False
+        for run in plan():
+            if is_finished(run):
+                continue
+            argv = command(run)
+            if argv is None:
+                waiting = True
+                continue
+            lock = _try_lock(run)
+            if lock is None:
+                continue
+            try:
+                if is_finished(run):
+                    continue
+                _record_start(run, argv)
+                print(f"[{time.strftime('%H:%M:%S')}] start {run.name}", flush=True)
+                with open(os.path.join(ROOT, run.output_dir, "train.log"), "a", encoding="utf-8") as log:
+                    done = subprocess.run(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                print(f"[{time.strftime('%H:%M:%S')}] {run.name}: exit {done.returncode}", flush=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"{run.name} failed; see {run.output_dir}/train.log")
+            finally:
+                lock.close()
+            break  # start over from the top: a higher-priority run may have become free
+        else:
+            if not waiting:
+                print("nothing left to run", flush=True)
+                return
+            time.sleep(60)
+
+
+def list_runs() -> None:
+    for run in plan():
+        state = "finished" if is_finished(run) else ("started" if _report(run) else "-")
+        lam = f" λ={best_lambda() or 'after the grid'}" if run.ella_lambda == "best" else ""
+        print(f"{state:9} {run.name}{lam}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["list", "work"])
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    work() if args.action == "work" else list_runs()
+
+
+if __name__ == "__main__":
+    main()
