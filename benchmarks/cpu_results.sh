@@ -23,7 +23,7 @@ ntasks=4; if [[ "$tasks" == *,* ]]; then IFS=, read -ra names <<< "$tasks"; ntas
 if [ "$order" = "order4" ]; then lam="${LAMBDA4:-5e6}"; else lam="${LAMBDA1:-3e4}"; fi
 common=(--model_name_or_path models/SmolLM2-135M-Instruct --order "$tasks" --eval_split "${EVAL_SPLIT:-test}"
         --max_train_examples "${TRAIN_EXAMPLES:-128}" --max_eval_examples 64 --per_device_train_batch_size 8 --per_device_eval_batch_size 16
-        --max_source_length 128 --target_modules q_proj v_proj --learning_rate "${LR:-3e-3}" --lr_scheduler_type constant
+        --max_source_length 128 --jumplora_target_modules q_proj v_proj --learning_rate "${LR:-3e-3}" --lr_scheduler_type constant
         --use_cpu true --logging_steps 4 --disable_tqdm true --report_to none --save_merged false)
 for seed in $seeds; do
   base="$root/$order"

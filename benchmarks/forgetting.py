@@ -14,6 +14,10 @@ Needs the converted model (make demo writes models/SmolLM2-135M-Instruct) and ..
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep instead of spinning
+
 import argparse
 import fcntl
 import json
@@ -32,9 +36,9 @@ LAMBDA_GRID = ("3e4", "3e5", "3e6")
 COMMON = [
     "--model_name_or_path", "models/SmolLM2-135M-Instruct", "--data_dir", os.path.join("..", "shared", "cl_benchmark"),
     "--max_train_examples", "256", "--max_eval_examples", "128", "--per_device_train_batch_size", "8",
-    "--per_device_eval_batch_size", "16", "--max_source_length", "128", "--target_modules", "q_proj", "v_proj",
-    "--lora_r", "8", "--lora_alpha", "32", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant",
-    "--s_start", "0.2", "--s_final", "0.8", "--use_cpu", "true", "--logging_steps", "2", "--disable_tqdm", "true",
+    "--per_device_eval_batch_size", "16", "--max_source_length", "128",
+    "--jumplora_target_modules", "q_proj", "v_proj", "--jumplora_r", "8", "--jumplora_alpha", "32", "--learning_rate",
+    "3e-3", "--lr_scheduler_type", "constant", "--jumplora_s_start", "0.2", "--jumplora_s_final", "0.8", "--use_cpu", "true", "--logging_steps", "2", "--disable_tqdm", "true",
     "--report_to", "none", "--save_merged", "false",
 ]
 

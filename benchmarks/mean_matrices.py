@@ -7,13 +7,18 @@ The per-method detail of docs/RESULTS.md, from the finished runs laid out as <ro
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep instead of spinning
+
 import argparse
 import glob
 import os
 
 import numpy as np
 
-from jumplora_hf.reports import METHOD_NAMES, is_finished, load_report, trained_matrix
+from jumplora_hf.bench.reports import is_finished, load_report, trained_matrix
+from jumplora_hf.methods import METHODS, display_name
 
 
 def method_section(root: str, order: str, method: str) -> str | None:
@@ -24,7 +29,7 @@ def method_section(root: str, order: str, method: str) -> str | None:
     tasks = reports[0]["tasks"]
     mean = np.mean([[[np.nan if v is None else v for v in row] for row in trained_matrix(r)] for r in reports], axis=0)
     seeds = ", ".join(os.path.basename(d).removeprefix("seed") for d, _ in finished)
-    lines = [f"**{order} · {METHOD_NAMES.get(method, method)}** (mean of seeds {seeds})", "",
+    lines = [f"**{order} · {display_name(method)}** (mean of seeds {seeds})", "",
              "| after \\ on | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for i, name in enumerate(tasks):
         lines.append(f"| {name} | " + " | ".join(f"{100 * mean[i][j]:.1f}" if j <= i else "" for j in range(len(tasks))) + " |")
@@ -41,7 +46,7 @@ def main(argv=None) -> None:
     parser.add_argument("root", help="folder holding <order>/<method>/seed<N> run dirs (runs, docs/results)")
     parser.add_argument("orders", nargs="+")
     args = parser.parse_args(argv)
-    sections = [s for order in args.orders for method in METHOD_NAMES if (s := method_section(args.root, order, method))]
+    sections = [s for order in args.orders for method in METHODS if (s := method_section(args.root, order, method))]
     print("\n\n".join(sections))
 
 

@@ -1,6 +1,6 @@
 """How much of the adapted weights a finished run changed: ‖W_T − W_0‖_F and the fraction of entries touched.
 
-Reads the merged weights that a run's continual_state.pt holds (after its last finished task) and the base
+Reads the merged weights that a run's resume state holds (after its last finished task) and the base
 model's safetensors; the numbers of docs/RESULTS.md, section 2:
 
     python benchmarks/merged_change.py models/SmolLM2-135M-Instruct runs/order1/inclora/seed42 runs/order1/jumplora_inclora/seed42
@@ -8,19 +8,22 @@ model's safetensors; the numbers of docs/RESULTS.md, section 2:
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep instead of spinning
+
 import argparse
 import os
 
 import torch
 from safetensors.torch import load_file
 
-from jumplora_hf.trainer import SEQUENCE_STATE_FILE
+from jumplora_hf.state import saved_merged_weights
 
 
 def merged_change(base: dict[str, torch.Tensor], run_dir: str) -> tuple[float, float]:
-    state = torch.load(os.path.join(run_dir, SEQUENCE_STATE_FILE), map_location="cpu", weights_only=False)
     squared_norm, touched, total = 0.0, 0, 0
-    for name, merged in state["merged"]["weights"].items():
+    for name, merged in saved_merged_weights(run_dir).items():
         change = merged.float() - base[name.removeprefix("base_model.model.") + ".weight"].float()
         squared_norm += change.square().sum().item()
         touched += int(change.count_nonzero())

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Copy the finished runs' reports from runs/ into docs/results/ (the run dirs are git-ignored and their
-# continual_state.pt files are ~60 MB each): continual_metrics.json and the CSV/JSON tables of every run,
+# resume states and ledgers are tens of MB each): continual_metrics.json and the CSV/JSON tables of every run,
 # the PNG plots of the JumpLoRA runs. recipes/aggregate.py reads the copies like the originals.
 #   bash benchmarks/publish_results.sh order1 order4
 set -euo pipefail

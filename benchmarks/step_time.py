@@ -22,6 +22,10 @@ storages, parameters and buffers excluded), plus the growth of the process's pea
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep instead of spinning
+
 import argparse
 import copy
 import ctypes

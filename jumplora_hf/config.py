@@ -1,44 +1,48 @@
-"""`JumpLoraConfig`: a `peft.LoraConfig` that injects JumpLoRA layers."""
+"""`JumpLoraConfig`: a `peft.LoraConfig` whose targeted `nn.Linear` layers become JumpLoRA layers. Data only."""
 
 from __future__ import annotations
 
 import dataclasses
-import re
+import json
+import os
 from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig
 
-THRESHOLD_MODES = ("global", "per_block", "per_module")
-_FIRST_INDEX = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+from ._compat import register_custom_lora_layer
+from .groups import THRESHOLD_MODES
+
+# The layer class for each base layer type; layer.py registers JumpLoraLinear for nn.Linear when it is imported
+# (importing any public name from the package loads it first), so this module never imports the layer.
+_LAYERS: dict[type, type] = {}
+# In adapter_config.json, where a JumpLoRA adapter keeps its targets. Its `target_modules` is a pattern that matches
+# no module, so that plain `PeftModel.from_pretrained` fails with this message instead of silently loading the
+# dense LoRA update (its layers would ignore τ); `JumpLoraConfig.from_pretrained` restores the targets.
+SAVED_TARGETS_KEY = "jumplora_target_modules"
+PLAIN_PEFT_SENTINEL = "(?#This is a JumpLoRA adapter - load it with jumplora_hf.load_jumplora_adapter)(?!)"
 
 
-def threshold_group(threshold_mode: str, module_name: str) -> str:
-    """Name of the threshold group of an adapted module: "global", its block path, or its own name."""
-    if threshold_mode == "global":
-        return "global"
-    if threshold_mode == "per_block":
-        match = _FIRST_INDEX.match(module_name)
-        return match.group(1) if match else module_name
-    return module_name
+def register_jumplora_layer(base_type: type, layer_type: type) -> None:
+    _LAYERS[base_type] = layer_type
 
 
 @dataclass
 class JumpLoraConfig(LoraConfig):
     """Configuration of JumpLoRA adapters (arXiv 2604.16171) on top of PEFT's LoRA.
 
-    It is a `LoraConfig` (same `r`, `lora_alpha`, `target_modules`, ... and the same `get_peft_model`
-    / `save_pretrained` flow); every targeted `nn.Linear` becomes a `JumpLoraLinear`. Reload a saved
-    adapter with `jumplora_hf.load_jumplora_adapter` (or pass `config=JumpLoraConfig.from_pretrained(path)`
-    to `PeftModel.from_pretrained`), because the file says `peft_type: LORA`.
+    It is a `LoraConfig` (same `r`, `lora_alpha`, `target_modules`, ... and the same `get_peft_model` /
+    `save_pretrained` flow); every targeted `nn.Linear` becomes a `JumpLoraLinear`. Reload a saved adapter with
+    `jumplora_hf.load_jumplora_adapter` (plain `PeftModel.from_pretrained` refuses a JumpLoRA adapter).
     """
 
-    use_jumprelu: bool = field(
-        default=True,
+    use_jumprelu: bool | None = field(
+        default=None,
         metadata={
             "help": (
-                "Gate ΔW = B·A with the symmetric JumpReLU (JumpLoRA). False gives plain LoRA with the same "
-                "layer, which is how the IncLoRA and ELLA baselines run."
+                "Gate ΔW = B·A with the symmetric JumpReLU (JumpLoRA). False gives plain LoRA with the same layer (the "
+                "IncLoRA and ELLA baselines). Unset, the continual method decides (ContinualSeq2SeqTrainer's `method`), "
+                "and a model built from the config alone gets the gate; a value that conflicts with the method is refused."
             ),
             "is_lora_variant": True,
         },
@@ -83,6 +87,10 @@ class JumpLoraConfig(LoraConfig):
     )
 
     def __post_init__(self):
+        # Runtime only (not a field, never saved): whether the gate was left to the continual method.
+        self.gate_from_method = self.use_jumprelu is None
+        if self.use_jumprelu is None:
+            self.use_jumprelu = True
         super().__post_init__()
         problems = []
         if self.threshold_mode not in THRESHOLD_MODES:
@@ -107,42 +115,46 @@ class JumpLoraConfig(LoraConfig):
             )
         if problems:
             raise ValueError("Invalid JumpLoraConfig: " + "; ".join(problems) + ".")
+        if not _LAYERS:
+            raise ImportError(
+                "the JumpLoRA layer is not registered: import JumpLoraConfig from jumplora_hf (which loads "
+                "jumplora_hf.layer), not from jumplora_hf.config alone"
+            )
+        register_custom_lora_layer(self, {base: layer for base, layer in _LAYERS.items()})
 
-        from .layer import JumpLoraLinear  # the layer module imports this one
-
-        self._register_custom_module({torch.nn.Linear: JumpLoraLinear})
-        # Runtime only (not a dataclass field, so never serialised): the shared log τ parameters of
-        # the threshold groups of the model being injected, see `JumpLoraLinear.update_layer`.
-        self._log_tau_bank: dict[tuple[str, str], torch.nn.Parameter] = {}
-        self._log_tau_bank_members: set[tuple[str, str]] = set()
+    def with_gate(self, use_jumprelu: bool, method: str) -> JumpLoraConfig:
+        """This config with the gate the continual `method` needs; refuses one that set the gate otherwise."""
+        if self.use_jumprelu == use_jumprelu:
+            return self
+        if not self.gate_from_method:
+            raise ValueError(
+                f"JumpLoraConfig(use_jumprelu={self.use_jumprelu}) conflicts with method {method!r}, which "
+                f"{'uses' if use_jumprelu else 'does not use'} the JumpReLU gate; leave use_jumprelu unset (the "
+                "method decides) or pick the matching method"
+            )
+        config = dataclasses.replace(self, use_jumprelu=use_jumprelu)
+        config.gate_from_method = True
+        return config
 
     @classmethod
     def from_peft_type(cls, **kwargs):
-        # PEFT would build a plain LoraConfig from `peft_type: LORA`; keep our class and drop keys that a
-        # newer or older version wrote but this one does not know.
+        # PEFT would build a plain LoraConfig from `peft_type: LORA`; keep our class, restore the saved targets,
+        # and drop keys that a newer or older version wrote but this one does not know.
         kwargs.pop("peft_type", None)
+        if SAVED_TARGETS_KEY in kwargs:
+            kwargs["target_modules"] = kwargs.pop(SAVED_TARGETS_KEY)
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         return cls(**{k: v for k, v in kwargs.items() if k in known})
 
-    def shared_log_tau(self, adapter_name: str, group: str, module_name: str, device: torch.device) -> torch.nn.Parameter:
-        """The log τ parameter of `group`, created on first use and shared by every member.
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        super().save_pretrained(save_directory, **kwargs)
+        if not self.use_jumprelu:
+            return  # a plain LoRA adapter (IncLoRA, ELLA): plain PEFT loads it correctly
+        path = os.path.join(save_directory, "adapter_config.json")
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        saved[SAVED_TARGETS_KEY] = saved["target_modules"]
+        saved["target_modules"] = PLAIN_PEFT_SENTINEL
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(saved, f, indent=2, sort_keys=True)
 
-        A module name that joins twice means the config is being injected into a new model: the bank
-        is then cleared so that two models built from one config never share a threshold.
-        """
-        member = (adapter_name, module_name)
-        if member in self._log_tau_bank_members:
-            self._log_tau_bank.clear()
-            self._log_tau_bank_members.clear()
-        self._log_tau_bank_members.add(member)
-        key = (adapter_name, group)
-        if key not in self._log_tau_bank:
-            # shape (1,), not (): DeepSpeed ZeRO cannot flatten 0-dim parameters
-            self._log_tau_bank[key] = torch.nn.Parameter(torch.zeros(1, dtype=torch.float32, device=device))
-        param = self._log_tau_bank[key]
-        if param.device != torch.device(device):
-            raise ValueError(
-                f"threshold_mode={self.threshold_mode!r} shares one τ across modules on {param.device} and "
-                f"{device} ({module_name}); put the adapted layers on one device or use threshold_mode='per_module'."
-            )
-        return param

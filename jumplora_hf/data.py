@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset
 
 DEFAULT_INSTRUCTION = "Choose the option that answers the input."
+GENERATION_INSTRUCTION = "Respond to the input."
 
 
 @dataclass
@@ -17,7 +18,13 @@ class ContinualTask:
     """One task of a sequence: examples are records with a text and a label column.
 
     `options` are the label words in prompt order; when None they are the sorted labels of the
-    training split. Every train and eval label must be one of them.
+    training split. Every train and eval label must be one of them. A `generation` task (summarisation, QA)
+    has free-text targets instead: no options in the prompt, and its labels are not checked.
+
+    `metric` scores the generated answers against the eval labels: None is exact match (after lower-casing and
+    collapsing whitespace); a callable `f(predictions, references)` returning a number or a dict; an `evaluate`
+    module, or the name/path `evaluate.load` takes. `metric_key` picks the entry of a dict result (needed when it
+    has several). The accuracy matrix then holds each task's own score, and the report names its metric.
     """
 
     name: str
@@ -27,6 +34,9 @@ class ContinualTask:
     instruction: str | None = None
     text_column: str = "sentence"
     label_column: str = "label"
+    metric: Any = None
+    metric_key: str | None = None
+    generation: bool = False
 
     def column(self, split: str, name: str) -> list:
         data = self.train_dataset if split == "train" else self.eval_dataset
@@ -42,7 +52,9 @@ class ContinualTask:
         return [record[name] for record in data]
 
     def resolved_options(self) -> list[str]:
-        """The options, checked against every label of both splits."""
+        """The options, checked against every label of both splits ([] for a generation task)."""
+        if self.generation:
+            return []
         labels = {split: [str(x) for x in self.column(split, self.label_column)] for split in ("train", "eval")}
         options = [str(o) for o in self.options] if self.options is not None else sorted(set(labels["train"]))
         for split, values in labels.items():
@@ -62,6 +74,11 @@ class EncodedTask:
     prompts: Dataset  # input_ids, attention_mask (generation inputs of the eval split)
     answers: list[str]  # gold label of each eval prompt
     max_new_tokens: int
+    metric_name: str = "exact_match"
+    score: Callable[[Sequence[str], Sequence[str]], float] | None = None
+
+    def evaluate(self, predictions: Sequence[str]) -> float:
+        return (self.score or exact_match_accuracy)(predictions, self.answers)
 
 
 def normalize_answer(text: str) -> str:
@@ -73,6 +90,53 @@ def exact_match_accuracy(predictions: Sequence[str], answers: Sequence[str]) -> 
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers")
     return sum(normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, answers)) / len(answers)
+
+
+def _pick(result, key: str | None, name: str) -> float:
+    if isinstance(result, dict):
+        if key is None:
+            if len(result) != 1:
+                raise ValueError(f"metric {name!r} returns {sorted(result)}: set the task's metric_key to one of them")
+            key = next(iter(result))
+        if key not in result:
+            raise ValueError(f"metric {name!r} returns {sorted(result)}, not metric_key={key!r}")
+        result = result[key]
+    return float(result)
+
+
+def resolve_metric(task: ContinualTask) -> tuple[str, Callable[[Sequence[str], Sequence[str]], float]]:
+    """(name, score function) of a task's metric; checked on two of its own labels, before any training."""
+    metric, key = task.metric, task.metric_key
+    if metric is None:
+        return "exact_match", exact_match_accuracy
+    if isinstance(metric, str):
+        import evaluate
+
+        try:
+            metric = evaluate.load(metric)
+        except Exception as error:  # offline, unknown name, broken module: evaluate raises many kinds
+            raise ValueError(
+                f"task {task.name!r}: evaluate.load({task.metric!r}) failed ({type(error).__name__}: {error}). Offline, "
+                "pass the path of a local metric module or a callable f(predictions, references)"
+            ) from None
+    if hasattr(metric, "compute"):
+        name = key or getattr(metric, "name", type(metric).__name__)
+
+        def score(predictions, references, module=metric):
+            return _pick(module.compute(predictions=list(predictions), references=list(references)), key, name)
+    elif callable(metric):
+        name = key or getattr(metric, "__name__", type(metric).__name__)
+
+        def score(predictions, references, fn=metric):
+            return _pick(fn(list(predictions), list(references)), key, name)
+    else:
+        raise ValueError(f"task {task.name!r}: metric must be None, a callable, an evaluate module or its name, got {metric!r}")
+    probe = [str(x) for x in task.column("eval", task.label_column)[:2]]
+    try:
+        score(probe, probe)
+    except Exception as error:
+        raise ValueError(f"task {task.name!r}: its metric fails on its own labels ({type(error).__name__}: {error})") from None
+    return name, score
 
 
 def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -93,10 +157,12 @@ def encode_task(
     learns to stop after the label and generation can halt on EOS.
     """
     options = task.resolved_options()
+    metric_name, score = resolve_metric(task)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; answers must end with one so generation stops")
-    instruction = task.instruction or DEFAULT_INSTRUCTION
-    head, cue = _ids(tokenizer, [f"{instruction}\nOptions: {', '.join(options)}\nInput: ", "\nAnswer:"])
+    instruction = task.instruction or (GENERATION_INSTRUCTION if task.generation else DEFAULT_INSTRUCTION)
+    listed = "" if task.generation else f"\nOptions: {', '.join(options)}"
+    head, cue = _ids(tokenizer, [f"{instruction}{listed}\nInput: ", "\nAnswer:"])
     prefix = [tokenizer.bos_token_id] if (not is_encoder_decoder and tokenizer.bos_token_id is not None) else []
     suffix = [tokenizer.eos_token_id] if is_encoder_decoder else []
     room = max_source_length - len(prefix) - len(head) - len(cue) - len(suffix)
@@ -105,9 +171,18 @@ def encode_task(
             f"task {task.name!r}: instruction and options alone take {max_source_length - room} tokens, more than "
             f"max_source_length={max_source_length}; raise max_source_length or shorten the instruction"
         )
-    answer_ids = dict(zip(options, _ids(tokenizer, [o if is_encoder_decoder else " " + o for o in options])))
-    needed = max(len(ids) for ids in answer_ids.values()) + 1
-    if max_target_length is not None and needed > max_target_length:
+    def target_ids(texts: list[str]) -> list[list[int]]:
+        return _ids(tokenizer, [t if is_encoder_decoder else " " + t for t in texts])
+
+    if task.generation:
+        train_targets = [str(x) for x in task.column("train", task.label_column)]
+        budget = (max_target_length or max(len(ids) for ids in target_ids(train_targets)) + 1) - 1
+        answer_ids = {t: ids[:budget] for t, ids in zip(train_targets, target_ids(train_targets))}
+        needed = budget + 1
+    else:
+        answer_ids = dict(zip(options, target_ids(options)))
+        needed = max(len(ids) for ids in answer_ids.values()) + 1
+    if not task.generation and max_target_length is not None and needed > max_target_length:
         longest = max(options, key=lambda o: len(answer_ids[o]))
         raise ValueError(
             f"task {task.name!r}: option {longest!r} needs {needed} target tokens with EOS, more than "
@@ -135,6 +210,8 @@ def encode_task(
         prompts=Dataset.from_dict(generation),
         answers=eval_labels,
         max_new_tokens=max_target_length or needed,
+        metric_name=metric_name,
+        score=score,
     )
 
 

@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .layer import iter_jumplora_layers
+from .lifecycle import ContinualCallback
 
 ELLA_DELTA_MODES = ("sparse", "interpolated")
 
@@ -50,3 +53,86 @@ def pop_ella_penalty(model: torch.nn.Module) -> torch.Tensor | None:
     if not terms:
         return None
     return torch.stack(terms).sum() / len(layers)
+
+
+class EllaRegularizer(ContinualCallback):
+    """The ELLA term of each task's loss: λ_t·(mean over adapted layers of ‖ΔW_x ⊙ W_past‖²_F).
+
+    `lambdas` holds λ per task (one value for all, or one per task), or is "auto": then each task's λ is set from
+    its first `auto_steps` optimizer steps (default: the steps before S_start, at least one), during which the term
+    is only measured, as λ_t = target_ratio · mean(cross-entropy) / mean(‖ΔW_x ⊙ W_past‖²) over those steps and
+    all processes (`reduce_mean`), and then kept for the rest of the task: a term of about `target_ratio` times the
+    cross-entropy, the scale ELLA's authors chose λ by. The first task has no W_past, so no term.
+    """
+
+    def __init__(self, lambdas, mode: str = "sparse", target_ratio: float = 1.0, auto_steps: int | None = None,
+                 reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        _check_mode(mode)
+        self.auto = lambdas == "auto"
+        self.lambdas = None if self.auto else [float(v) for v in lambdas]
+        self.mode, self.target_ratio, self.auto_steps = mode, target_ratio, auto_steps
+        self.reduce_mean = reduce_mean or (lambda t: t)
+        self.lam = 0.0
+        self.measuring = False
+        self._measure_window = 0
+        self._ce_sum = self._penalty_sum = self._logged_sum = torch.zeros(())
+        self._logged_steps = 0
+        self.task_lambdas: dict[int, float] = {}  # the λ each task used (auto: once measured)
+
+    def lambda_for_task(self, index: int) -> float:
+        return self.lambdas[0] if len(self.lambdas) == 1 else self.lambdas[index]
+
+    def on_task_begin(self, args, state, control, task=None, model=None, **kwargs):
+        self._ce_sum = self._penalty_sum = self._logged_sum = torch.zeros(())
+        self._logged_steps = state.global_step
+        if self.auto:
+            self.lam, self.measuring = 0.0, task.index > 0
+            config = getattr(model, "peft_config", {}).get("default")
+            start = round(getattr(config, "s_start", 0.2) * task.num_steps)
+            self._measure_window = self.auto_steps or max(1, start)
+        else:
+            self.lam, self.measuring = self.lambda_for_task(task.index), False
+        self.task_lambdas[task.index] = self.lam
+        record_ella_terms(model, self.mode if (self.lam > 0 or self.measuring) else None)
+
+    def on_task_step(self, args, state, control, task=None, step=0, **kwargs):
+        if self.measuring and step >= self._measure_window:
+            ce, penalty = self.reduce_mean(self._ce_sum.reshape(1)), self.reduce_mean(self._penalty_sum.reshape(1))
+            self.lam = float(self.target_ratio * ce / penalty) if float(penalty) > 0 else 0.0
+            self.measuring = False
+            self.task_lambdas[task.index] = self.lam
+
+    def on_task_end(self, args, state, control, model=None, **kwargs):
+        record_ella_terms(model, None)
+        self.measuring = False
+
+    def loss_term(self, model: torch.nn.Module, loss: torch.Tensor, accumulation_steps: int, scaled_for_ga: bool) -> torch.Tensor | None:
+        """λ·penalty for the loss of one micro-batch (counted once per optimizer step); None when there is none.
+
+        `loss` is the cross-entropy the Trainer computed for this micro-batch, `scaled_for_ga` whether it is
+        already normalised over the whole accumulated batch (then the Trainer will not divide it).
+        """
+        penalty = pop_ella_penalty(model)  # recorded by the adapted layers during this forward
+        if penalty is None:
+            return None
+        per_step = 1.0 / accumulation_steps  # this micro-batch's share of one optimizer step
+        if self.measuring:
+            ce = loss.detach().float() * (1.0 if scaled_for_ga else per_step)
+            self._ce_sum = self._ce_sum.to(ce.device) + ce
+            self._penalty_sum = self._penalty_sum.to(ce.device) + penalty.detach() * per_step
+            return None
+        if self.lam == 0.0:
+            return None
+        term = self.lam * penalty
+        self._logged_sum = self._logged_sum.to(term.device) + term.detach() * per_step
+        return term * per_step if scaled_for_ga else term
+
+    def on_task_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        steps = state.global_step - self._logged_steps
+        if steps > 0:
+            ella = float(self._logged_sum) / steps
+            logs["loss_ella"], logs["loss_ce"] = ella, logs["loss"] - ella
+        logs["ella/lambda"] = self.lam
+        self._logged_sum, self._logged_steps = torch.zeros(()), state.global_step

@@ -1,4 +1,14 @@
-"""`JumpLoraLinear`: PEFT's LoRA `Linear` with the JumpLoRA gate as a LoRA variant."""
+"""`JumpLoraLinear`: PEFT's LoRA `Linear` with the JumpLoRA gate as a LoRA variant.
+
+Per adapter the gate's state is
+- `lora_log_tau[adapter]`: the learnable part of log τ, a float32 parameter (shape (1,)), 0 when τ is set;
+- `lora_gate_state[adapter]`: an int32 buffer holding the float32 bit patterns of [log τ at S_start, γ].
+log τ = anchor + offset. The anchor is fixed when τ is initialised and is stored as integer bits, so that neither a
+bf16 engine (DeepSpeed casts every floating parameter and buffer) nor a dtype cast can round it: the surviving count
+at S_start stays exact in any precision, and the learnable offset near 0 loses nothing to bf16 spacing. Both are in
+the state dict (the "lora_" prefix), so γ and the threshold survive `save_pretrained`, Trainer checkpoints and
+`set_peft_model_state_dict`. Python mirrors (`jump_gamma`, `jump_tau_ready`) serve the forward without a device sync.
+"""
 
 from __future__ import annotations
 
@@ -7,83 +17,102 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.tuners.lora.layer import LoraVariant
 
-from .config import threshold_group
+from ._compat import BufferDict, LoraLinear, LoraVariant, called_from_add_weighted_adapter
+from .config import register_jumplora_layer
+from .groups import threshold_group
 from .gate import fused_jump_linear, hard_threshold, jump_interpolated_delta, symmetric_jump_relu
 
 # log τ of a fresh adapter: τ = the smallest normal float32, so the gate is open (ΔW_jump = ΔW) until the
 # threshold is initialised at S_start, and an adapter saved before that still behaves as plain LoRA.
 OPEN_LOG_TAU = math.log(torch.finfo(torch.float32).tiny)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def float32_bits(value: float) -> int:
+    return int(torch.tensor([value], dtype=torch.float32).view(torch.int32).item())
+
+
+def bits_float32(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32).item())
+
+
+_OPEN_BITS = float32_bits(OPEN_LOG_TAU)
 
 
 class JumpLoraLinearVariant(LoraVariant):
     """The JumpLoRA forward and merge, plugged into PEFT's LoRA variant mechanism."""
 
     @staticmethod
-    def init(module: "JumpLoraLinear", adapter_name: str, config=None, target_name: str = "", **kwargs) -> None:
-        group = threshold_group(config.threshold_mode, target_name)
-        log_tau = config.shared_log_tau(adapter_name, group, target_name, module.get_base_layer().weight.device)
-        log_tau.requires_grad_(not config.inference_mode)
-        with torch.no_grad():
-            log_tau.fill_(OPEN_LOG_TAU)
-        module.lora_log_tau[adapter_name] = log_tau
+    def init(module: JumpLoraLinear, adapter_name: str, config=None, target_name: str = "", **kwargs) -> None:
+        if called_from_add_weighted_adapter():
+            raise NotImplementedError(
+                "add_weighted_adapter combines the adapters' A and B into one low-rank update, but a JumpLoRA "
+                "adapter applies ΔW ⊙ H(|ΔW| − τ), which no low-rank combination reproduces. Merge the adapters one "
+                "after the other (merge_and_unload, or end_task), or compose tasks with jumplora_hf.ledger"
+            )
+        device = module.get_base_layer().weight.device
+        # its own parameter here; the layers of one threshold group are tied when the model is built
+        # (thresholds.tie_thresholds). Shape (1,), not (): DeepSpeed ZeRO cannot flatten 0-dim parameters.
+        module.lora_log_tau[adapter_name] = torch.nn.Parameter(
+            torch.zeros(1, dtype=torch.float32, device=device), requires_grad=not config.inference_mode
+        )
+        module.lora_gate_state[adapter_name] = torch.tensor([_OPEN_BITS, float32_bits(0.0)], dtype=torch.int32, device=device)
         module.jump_bandwidth[adapter_name] = config.jump_bandwidth
-        module.jump_threshold_group[adapter_name] = group
-        module.jump_gamma[adapter_name] = 0.0
-        module.jump_tau_ready[adapter_name] = False
-        module.jump_fused[adapter_name] = bool(getattr(config, "jump_fused", True))
+        module.jump_threshold_group[adapter_name] = threshold_group(config.threshold_mode, target_name)
+        module.jump_fused[adapter_name] = bool(config.jump_fused)
+        module.sync_gate_mirrors(adapter_name)
 
     @staticmethod
-    def merge_safe(module: "JumpLoraLinear", active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+    def merge_safe(module: JumpLoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
 
     @staticmethod
-    def merge_unsafe(module: "JumpLoraLinear", active_adapter: str, orig_weight: torch.Tensor) -> None:
+    def merge_unsafe(module: JumpLoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> None:
         orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
 
     @staticmethod
-    def unmerge(module: "JumpLoraLinear", active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+    def unmerge(module: JumpLoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         return orig_weight.data - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
 
     @staticmethod
-    def forward(module: "JumpLoraLinear", active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
+    def forward(module: JumpLoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
         lora_A = module.lora_A[active_adapter]
         lora_B = module.lora_B[active_adapter]
         scaling = module.scaling[active_adapter]
         gamma = module.jump_gamma[active_adapter]
         if gamma <= 0.0:  # before S_start: exactly plain LoRA, and no d_out×d_in product
             return result + lora_B(lora_A(x)) * scaling
-        log_tau, eps = module.lora_log_tau[active_adapter], module.jump_bandwidth[active_adapter]
+        log_tau, eps = module.log_tau(active_adapter), module.jump_bandwidth[active_adapter]
         if module.jump_fused[active_adapter]:
             # `result` (the base output) is already computed here, so only the update goes through the fused
             # function; `JumpLoraLinear.forward` avoids even that second GEMM in the common one-adapter case.
             return result + fused_jump_linear(x, None, None, lora_A.weight, lora_B.weight, log_tau, gamma, eps, scaling)
         delta = jump_interpolated_delta(lora_B.weight @ lora_A.weight, log_tau, gamma, eps)  # the reference path
-        return result + F.linear(x, delta) * scaling
+        return result + F.linear(x.to(delta.dtype), delta).to(result.dtype) * scaling
 
 
 class JumpLoraLinear(LoraLinear):
     """A LoRA `Linear` whose update ΔW = B·A can be gated by a learnable symmetric JumpReLU threshold.
 
-    With `use_jumprelu=False` it is PEFT's plain LoRA layer (the IncLoRA / ELLA baselines). With it,
-    the forward adds β·((1−γ)ΔW + γ·ΔW_jump)·x, where γ (`jump_gamma`, set by the schedule callback)
-    and τ = exp(`lora_log_tau`) (one parameter per threshold group, shared between its layers).
-    The layer also keeps ELLA's W_past (sum of past tasks' ΔW_final) as a non-persistent buffer.
+    With `use_jumprelu=False` it is PEFT's plain LoRA layer (the IncLoRA / ELLA baselines). With it, the forward
+    adds β·((1−γ)ΔW + γ·ΔW_jump)·x, with γ set by the task's schedule and τ = exp(log τ) shared by the layers of
+    a threshold group. The layer also keeps ELLA's W_past (sum of past tasks' ΔW_final) as a non-persistent buffer,
+    and, for bf16/fp16 base weights, a float32 copy of the merged weight (see `fold_final_delta`).
     """
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
         if not hasattr(self, "lora_log_tau"):
             # Deliberately not in `adapter_layer_names`: PEFT re-creates those when it moves or casts an
-            # adapter, which would untie a τ shared by a threshold group. τ stays float32 and moves with
-            # the model like any other parameter; the "lora_" prefix still makes it trainable and saved.
+            # adapter, which would untie a τ shared by a threshold group.
             self.lora_log_tau = torch.nn.ParameterDict()
+            self.lora_gate_state = BufferDict(persistent=True)
             self.jump_bandwidth: dict[str, float] = {}
             self.jump_threshold_group: dict[str, str] = {}
             self.jump_gamma: dict[str, float] = {}
             self.jump_tau_ready: dict[str, bool] = {}
             self.jump_fused: dict[str, bool] = {}
+            self.merged_weight_fp32: torch.Tensor | None = None  # a plain attribute: no dtype cast reaches it
             self.register_buffer("ella_w_past", None, persistent=False)
             # ELLA: while training with ella_delta_mode set, each forward records this layer's
             # ‖ΔW_x ⊙ W_past‖²_F. Inside the forward, DDP sees the use of A and B and ZeRO-3 has them
@@ -91,6 +120,7 @@ class JumpLoraLinear(LoraLinear):
             self.ella_delta_mode: str | None = None
             self.ella_term: torch.Tensor | None = None
             self.register_forward_hook(_record_ella_term)
+            self.register_load_state_dict_post_hook(_sync_after_load)
         super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
 
     @property
@@ -100,11 +130,48 @@ class JumpLoraLinear(LoraLinear):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         for state in (
-            self.lora_log_tau, self.jump_bandwidth, self.jump_threshold_group, self.jump_gamma, self.jump_tau_ready,
-            self.jump_fused,
+            self.lora_log_tau, self.lora_gate_state, self.jump_bandwidth, self.jump_threshold_group, self.jump_gamma,
+            self.jump_tau_ready, self.jump_fused,
         ):
-            state.pop(adapter_name, None)
+            if adapter_name in state:
+                del state[adapter_name]
 
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        active = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for adapter, param in self.lora_log_tau.items():
+            param.requires_grad_(adapter in active and not inference_mode)
+
+    # ----------------------------------------------------------------- the gate's state
+    def is_jump(self, adapter: str) -> bool:
+        return adapter in self.lora_log_tau
+
+    def log_tau(self, adapter: str) -> torch.Tensor:
+        """log τ = anchor + learnable offset, float32, differentiable in the offset (shape (1,))."""
+        anchor = self.lora_gate_state[adapter][:1].view(torch.float32)
+        return anchor + self.lora_log_tau[adapter].float()
+
+    def sync_gate_mirrors(self, adapter: str) -> None:
+        anchor_bits, gamma_bits = self.lora_gate_state[adapter].tolist()
+        self.jump_tau_ready[adapter] = anchor_bits != _OPEN_BITS
+        self.jump_gamma[adapter] = bits_float32(gamma_bits)
+
+    def set_gamma(self, adapter: str, gamma: float) -> None:
+        self.jump_gamma[adapter] = float(gamma)
+        self.lora_gate_state[adapter][1] = float32_bits(gamma)
+
+    @torch.no_grad()
+    def set_log_tau(self, adapter: str, log_tau: float) -> None:
+        """Fix the anchor at `log_tau` (a float32 value) and zero the offset: τ = exp(log_tau) exactly."""
+        self.lora_gate_state[adapter][0] = float32_bits(log_tau)
+        self.lora_log_tau[adapter].zero_()
+        self.jump_tau_ready[adapter] = float32_bits(log_tau) != _OPEN_BITS
+
+    def open_gate(self, adapter: str) -> None:
+        self.set_log_tau(adapter, OPEN_LOG_TAU)
+        self.set_gamma(adapter, 0.0)
+
+    # ----------------------------------------------------------------- forward
     def _fused_adapter(self, args: tuple, kwargs: dict) -> str | None:
         """The adapter the fused forward can serve alone, or None (then PEFT's forward runs)."""
         if args or any(v is not None for v in kwargs.values()) or self.merged or self.disable_adapters:
@@ -130,24 +197,25 @@ class JumpLoraLinear(LoraLinear):
         base = self.get_base_layer()
         return fused_jump_linear(
             x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-            self.lora_log_tau[adapter], self.jump_gamma[adapter], self.jump_bandwidth[adapter], self.scaling[adapter],
+            self.log_tau(adapter), self.jump_gamma[adapter], self.jump_bandwidth[adapter], self.scaling[adapter],
         )
 
-    def is_jump(self, adapter: str) -> bool:
-        return adapter in self.lora_log_tau
-
+    # ----------------------------------------------------------------- the update
     def delta_weight(self, adapter: str) -> torch.Tensor:
-        """Raw ΔW = B·A (d_out × d_in), before the LoRA scale, differentiable."""
-        return self.lora_B[adapter].weight @ self.lora_A[adapter].weight
+        """Raw ΔW = B·A (d_out × d_in), before the LoRA scale, differentiable, float32 for bf16/fp16 adapters."""
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        if a.dtype in LOW_PRECISION:
+            a, b = a.float(), b.float()
+        return b @ a
 
     def final_delta(self, adapter: str) -> torch.Tensor:
         """ΔW_final in float32: ΔW ⊙ H(|ΔW| − τ) for JumpLoRA, ΔW for plain LoRA (no gradient)."""
         with torch.no_grad():
             delta = self.delta_weight(adapter).float()
-            return hard_threshold(delta, self.lora_log_tau[adapter]) if self.is_jump(adapter) else delta
+            return hard_threshold(delta, self.log_tau(adapter)) if self.is_jump(adapter) else delta
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """β·ΔW_final, what PEFT's `merge()` / `merge_and_unload()` add to the base weight."""
+        """β·ΔW_final (float32), what PEFT's `merge()` / `merge_and_unload()` add to the base weight."""
         return self.final_delta(adapter) * self.scaling[adapter]
 
     def penalty_delta(self, adapter: str, mode: str) -> torch.Tensor:
@@ -155,7 +223,7 @@ class JumpLoraLinear(LoraLinear):
         delta = self.delta_weight(adapter)
         if not self.is_jump(adapter):
             return delta
-        log_tau, eps = self.lora_log_tau[adapter], self.jump_bandwidth[adapter]
+        log_tau, eps = self.log_tau(adapter), self.jump_bandwidth[adapter]
         if mode == "interpolated":
             return jump_interpolated_delta(delta, log_tau, self.jump_gamma[adapter], eps)
         if not self.jump_tau_ready[adapter]:
@@ -166,39 +234,62 @@ class JumpLoraLinear(LoraLinear):
         """‖ΔW_x ⊙ W_past‖²_F of this layer (float32, differentiable in A, B and τ)."""
         return (self.penalty_delta(adapter, mode).float() * self.ella_w_past).pow(2).sum()
 
+    # ----------------------------------------------------------------- the task lifecycle's layer operations
     @torch.no_grad()
     def reset_task_adapter(self, adapter: str, generator: torch.Generator | None = None) -> None:
         """Fresh adapter for a new task: A Kaiming uniform (as PEFT/nn.Linear), B = 0, gate open, γ = 0."""
         weight_a = self.lora_A[adapter].weight
-        if generator is not None and generator.device != weight_a.device:
-            fresh = torch.empty(weight_a.shape, dtype=weight_a.dtype, device=generator.device)
+        if generator is not None and (generator.device != weight_a.device or weight_a.dtype != torch.float32):
+            # drawn in float32 on the generator's device, so A is the same whatever the adapter's dtype or device
+            fresh = torch.empty(weight_a.shape, dtype=torch.float32, device=generator.device)
             torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
             weight_a.copy_(fresh)
         else:
             torch.nn.init.kaiming_uniform_(weight_a, a=math.sqrt(5), generator=generator)
         torch.nn.init.zeros_(self.lora_B[adapter].weight)
         if self.is_jump(adapter):
-            self.lora_log_tau[adapter].fill_(OPEN_LOG_TAU)
-            self.jump_gamma[adapter] = 0.0
-            self.jump_tau_ready[adapter] = False
+            self.open_gate(adapter)
 
     @torch.no_grad()
     def fold_final_delta(self, adapter: str, accumulate_w_past: bool) -> torch.Tensor:
         """W ← W + β·ΔW_final (and W_past ← W_past + ΔW_final), then remove the update: B = 0, γ = 0.
 
-        Returns ΔW_final (float32). Afterwards the layer computes exactly the merged base layer.
+        Returns ΔW_final (float32). Afterwards the layer computes exactly the merged base layer. A bf16/fp16 base
+        weight is re-cast after every merge from a float32 copy that accumulates the merges, so that after any
+        number of tasks it equals the float32 merge rounded once (adding each update to the bf16 weight would round
+        once per task, and lose the entries smaller than half the weight's spacing).
         """
         final = self.final_delta(adapter)
+        update = final * self.scaling[adapter]
         weight = self.get_base_layer().weight
-        weight.add_((final * self.scaling[adapter]).to(weight.dtype))
+        if weight.dtype in LOW_PRECISION:
+            if self.merged_weight_fp32 is None or self.merged_weight_fp32.shape != weight.shape:
+                self.merged_weight_fp32 = weight.detach().float().clone()
+            self.merged_weight_fp32.add_(update)
+            weight.copy_(self.merged_weight_fp32)
+        else:
+            weight.add_(update.to(weight.dtype))
         if accumulate_w_past:
             if self.ella_w_past is None:
                 self.ella_w_past = torch.zeros_like(final)
             self.ella_w_past.add_(final)
         torch.nn.init.zeros_(self.lora_B[adapter].weight)
         if self.is_jump(adapter):
-            self.jump_gamma[adapter] = 0.0
+            self.set_gamma(adapter, 0.0)
         return final
+
+    def merged_weight(self) -> torch.Tensor:
+        """The merged base weight at full precision: the float32 copy for bf16/fp16 weights, else the weight."""
+        return self.merged_weight_fp32 if self.merged_weight_fp32 is not None else self.get_base_layer().weight
+
+    @torch.no_grad()
+    def restore_merged_weight(self, value: torch.Tensor) -> None:
+        weight = self.get_base_layer().weight
+        if weight.dtype in LOW_PRECISION and value.dtype == torch.float32:
+            self.merged_weight_fp32 = value.to(weight.device).clone()
+        else:
+            self.merged_weight_fp32 = None
+        weight.copy_(value.to(weight.device, weight.dtype))
 
 
 class _TieToOutput(torch.autograd.Function):
@@ -218,13 +309,18 @@ class _TieToOutput(torch.autograd.Function):
         return grad_output, torch.zeros(ctx.side_shape, dtype=ctx.side_dtype, device=grad_output.device)
 
 
-def _record_ella_term(layer: "JumpLoraLinear", args, output):
+def _record_ella_term(layer: JumpLoraLinear, args, output):
     if layer.training and layer.ella_delta_mode is not None and layer.ella_w_past is not None:
         adapter = layer.active_adapters[0]
         if adapter in layer.lora_A:
             layer.ella_term = layer.ella_squared_norm(adapter, layer.ella_delta_mode)
             return _TieToOutput.apply(output, layer.ella_term)
     return None
+
+
+def _sync_after_load(layer: JumpLoraLinear, incompatible_keys) -> None:
+    for adapter in layer.lora_gate_state:
+        layer.sync_gate_mirrors(adapter)
 
 
 def iter_jumplora_layers(model: torch.nn.Module) -> Iterator[tuple[str, JumpLoraLinear]]:
@@ -237,6 +333,7 @@ def iter_jumplora_layers(model: torch.nn.Module) -> Iterator[tuple[str, JumpLora
 def set_interpolation_gamma(model: torch.nn.Module, gamma: float, adapter: str = "default") -> None:
     for _, layer in iter_jumplora_layers(model):
         if layer.is_jump(adapter):
-            layer.jump_gamma[adapter] = float(gamma)
+            layer.set_gamma(adapter, gamma)
 
 
+register_jumplora_layer(torch.nn.Linear, JumpLoraLinear)

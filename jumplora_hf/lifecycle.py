@@ -1,75 +1,271 @@
-"""The per-task lifecycle of Algorithm 1: a fresh adapter at task start, the sparse merge at task end."""
+"""The life of one task (Algorithm 1), in one place: begin, every step, end; and the events it announces.
+
+    begin_task   A Kaiming uniform from (seed, task), B = 0, gate open, γ = 0           → on_task_begin
+    gate_step    before each optimizer step s of the task: γ = clip((s − S_start)/(S_final − S_start), 0, 1);
+                 at the first s ≥ S_start, τ such that #{|ΔW| > τ} = #A + #B          → on_task_step
+    end_task     W ← W + β·ΔW_final (W_past += ΔW_final for ELLA), B = 0               → on_task_end(update)
+    (evaluation of every task seen so far, by the trainer)                              → on_task_evaluated
+
+`TaskSequence` drives these over a task sequence inside one `Trainer.train()` (ContinualSeq2SeqTrainer);
+`JumpLoRATrainerCallback` (callback.py) drives them for one task per `train()` of any Trainer. Whatever listens
+(the γ/τ schedule, ELLA, logging, the run directory, progress lines) is a `ContinualCallback` in the Trainer's
+callback list and only receives these events: the order of the callback list does not matter, and no callback
+reaches into the trainer. The layer-level operations are `JumpLoraLinear.reset_task_adapter`/`fold_final_delta`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers import TrainerCallback, set_seed
 
-from .layer import iter_jumplora_layers
+from .gate import interpolation_gamma
+from .layer import JumpLoraLinear, iter_jumplora_layers, set_interpolation_gamma
 from .metrics import pack_support, support_sparsity
+from .sequence import TaskSpan, reset_optimizer_state
+from .thresholds import initialize_thresholds, threshold_statistics
+from .zero import gathered_adapters, writing_adapters
+
+
+@dataclass
+class LayerUpdate:
+    """Exactly what one task added to one adapted weight: W ← W + update (float32, already scaled by β).
+
+    Sparse (JumpLoRA): the flat indices of ΔW_final ≠ 0 and the values added there. Dense (IncLoRA, ELLA): the
+    factors, update = β·(B·A) in float32, recomputed with the same product as the merge.
+    """
+
+    shape: tuple[int, int]
+    scaling: float
+    indices: torch.Tensor | None = None  # int64, flat
+    values: torch.Tensor | None = None  # float32, β·ΔW_final at `indices`
+    lora_A: torch.Tensor | None = None
+    lora_B: torch.Tensor | None = None
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.indices is not None
+
+    def dense(self) -> torch.Tensor:
+        """The update as a d_out × d_in float32 tensor."""
+        if self.is_sparse:
+            out = torch.zeros(self.shape[0] * self.shape[1], dtype=torch.float32)
+            out[self.indices] = self.values
+            return out.view(self.shape)
+        return dense_lora_delta(self.lora_A, self.lora_B) * self.scaling
+
+
+def dense_lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """ΔW = B·A in float32, the product `JumpLoraLinear.delta_weight` computes."""
+    if lora_A.dtype in (torch.float16, torch.bfloat16):
+        lora_A, lora_B = lora_A.float(), lora_B.float()
+    return (lora_B @ lora_A).float()
 
 
 @dataclass
 class MergedTaskUpdate:
-    """What a task left in the base weights: per adapted layer, the support of ΔW_final."""
+    """What a task left in the base weights: per adapted layer, the support of ΔW_final (bit-packed), and, until
+    the run directory has written them into the ledger, the exact updates (`layers`)."""
 
-    supports: dict[str, np.ndarray] = field(default_factory=dict)  # packed bits of ΔW_final != 0
+    supports: dict[str, np.ndarray] = field(default_factory=dict)
     numels: dict[str, int] = field(default_factory=dict)
+    layers: dict[str, LayerUpdate] = field(default_factory=dict)
+    taus: dict[str, float] = field(default_factory=dict)  # τ per threshold group at the merge (JumpLoRA)
 
     def sparsity(self) -> dict[str, float]:
         return {name: support_sparsity(packed, self.numels[name]) for name, packed in self.supports.items()}
 
 
-def begin_task(model: torch.nn.Module, task_index: int, seed: int, adapter: str = "default") -> None:
-    """Re-initialise every adapter in place (A Kaiming uniform, B = 0, gate open, γ = 0).
+class ContinualCallback(TrainerCallback):
+    """A `TrainerCallback` that also receives the task events. Override any of them; each gets the Trainer's
+    `args, state, control` and keyword arguments: `task` (a `TaskSpan`), `model`, and per event:
 
-    A generator seeded from (seed, task_index) makes A identical on every rank and across reruns,
-    whatever else consumed the global RNG before.
+    - `on_task_begin`: the adapters are fresh (ΔW = 0) and the optimizer state is empty (`optimizer`);
+    - `on_task_step`: before the forward of each optimizer step, after the gate's γ/τ of that step are set
+      (`step` is the step within the task);
+    - `on_task_log`: `logs`, the dict about to be logged (add scalars to it; they reach `log_history` and every
+      `report_to` backend);
+    - `on_task_end`: `update`, the `MergedTaskUpdate` just merged into the base weights;
+    - `on_task_evaluated`: `row` (the accuracies after this task) and `record` (the `ContinualRecord` so far).
     """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + task_index)
+
+    def on_task_begin(self, args, state, control, **kwargs):
+        pass
+
+    def on_task_step(self, args, state, control, **kwargs):
+        pass
+
+    def on_task_log(self, args, state, control, **kwargs):
+        pass
+
+    def on_task_end(self, args, state, control, **kwargs):
+        pass
+
+    def on_task_evaluated(self, args, state, control, **kwargs):
+        pass
+
+
+def dispatch(callbacks: Sequence, event: str, args, state, control, **kwargs) -> None:
+    """Call `event` on every ContinualCallback of `callbacks` (the Trainer's callback list)."""
+    for callback in callbacks:
+        if isinstance(callback, ContinualCallback):
+            getattr(callback, event)(args, state, control, **kwargs)
+
+
+# ----------------------------------------------------------------------------- the task's operations
+def task_generator(seed: int, task_index: int) -> torch.Generator:
+    """The generator of a task's fresh A: the same on every rank and across reruns, whatever else used the RNG."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + task_index)
+
+
+def begin_task(model: torch.nn.Module, task_index: int, seed: int, adapter: str = "default") -> None:
+    """Re-initialise every adapter in place (A Kaiming uniform from (seed, task_index), B = 0, gate open, γ = 0)."""
+    generator = task_generator(seed, task_index)
     for _, layer in iter_jumplora_layers(model):
         if adapter in layer.lora_A:
             layer.reset_task_adapter(adapter, generator)
 
 
-def end_task(model: torch.nn.Module, accumulate_w_past: bool, adapter: str = "default") -> MergedTaskUpdate:
+def gate_step(model: torch.nn.Module, config, step: int, num_steps: int, adapter: str = "default") -> float:
+    """Set γ for the task's optimizer step `step` (0-based) of `num_steps`; initialise τ at the first step ≥ S_start.
+
+    `config` is the adapter's JumpLoraConfig (its s_start / s_final fractions). Returns γ.
+    """
+    start, final = round(config.s_start * num_steps), round(config.s_final * num_steps)
+    if step >= start and not _thresholds_ready(model, adapter):
+        with writing_adapters(model):  # every rank sees the whole ΔW; rank 0's τ is kept (ZeRO-3)
+            initialize_thresholds(model, adapter)
+    gamma = interpolation_gamma(step, start, final)
+    set_interpolation_gamma(model, gamma, adapter)
+    return gamma
+
+
+def _thresholds_ready(model: torch.nn.Module, adapter: str) -> bool:
+    for _, layer in iter_jumplora_layers(model):
+        if layer.is_jump(adapter):
+            return layer.jump_tau_ready[adapter]
+    return True
+
+
+def _sparse_update(layer: JumpLoraLinear, adapter: str, final: torch.Tensor) -> LayerUpdate:
+    scaling = float(layer.scaling[adapter])
+    flat = final.reshape(-1)
+    indices = torch.nonzero(flat, as_tuple=True)[0]
+    return LayerUpdate(tuple(final.shape), scaling, indices=indices.cpu(), values=(flat[indices] * scaling).cpu())
+
+
+def _dense_update(layer: JumpLoraLinear, adapter: str) -> LayerUpdate:
+    a, b = layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach()
+    shape = (layer.out_features, layer.in_features)
+    return LayerUpdate(shape, float(layer.scaling[adapter]), lora_A=a.cpu().clone(), lora_B=b.cpu().clone())
+
+
+def end_task(model: torch.nn.Module, accumulate_w_past: bool, adapter: str = "default", record_layers: bool = False) -> MergedTaskUpdate:
     """W ← W + β·ΔW_final for every adapted layer (and W_past ← W_past + ΔW_final for ELLA).
 
-    The adapters' update is removed (B = 0), so the model then computes the merged base model alone.
+    The adapters' update is removed (B = 0), so the model then computes the merged base model alone. With
+    `record_layers`, the update keeps the exact per-layer updates for the ledger.
     """
     update = MergedTaskUpdate()
     for name, layer in iter_jumplora_layers(model):
         if adapter not in layer.lora_A:
             continue
-        final = layer.fold_final_delta(adapter, accumulate_w_past)
+        dense = _dense_update(layer, adapter) if record_layers and not layer.is_jump(adapter) else None
+        if layer.is_jump(adapter) and layer.jump_threshold_group[adapter] not in update.taus:
+            update.taus[layer.jump_threshold_group[adapter]] = float(layer.log_tau(adapter).detach().exp())
+        final = layer.fold_final_delta(adapter, accumulate_w_past)  # zeroes B: the factors are read before
+        if record_layers:
+            update.layers[name] = dense if dense is not None else _sparse_update(layer, adapter, final)
         update.supports[name] = pack_support((final != 0).cpu().numpy())
         update.numels[name] = final.numel()
     return update
 
 
-def merged_state(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """What the finished tasks left in the model: the adapted layers' base weights and W_past (on CPU)."""
-    weights, w_past = {}, {}
-    for name, layer in iter_jumplora_layers(model):
-        weights[name] = layer.get_base_layer().weight.detach().cpu().clone()
-        if layer.ella_w_past is not None:
-            w_past[name] = layer.ella_w_past.detach().cpu().clone()
-    return {"weights": weights, "w_past": w_past}
+# ----------------------------------------------------------------------------- listeners of the lifecycle
+class JumpLoRASchedule(ContinualCallback):
+    """The γ schedule and the τ initialisation of every task, and the `jump/*` scalars of its logs."""
+
+    def __init__(self, adapter_name: str = "default"):
+        self.adapter_name = adapter_name
+
+    def _config(self, model):
+        config = getattr(model, "peft_config", {}).get(self.adapter_name)
+        return config if getattr(config, "use_jumprelu", False) else None
+
+    def on_task_step(self, args, state, control, task=None, step=0, model=None, **kwargs):
+        config = self._config(model)
+        if config is not None:
+            gate_step(model, config, step, task.num_steps, self.adapter_name)
+
+    def on_task_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if self._config(model) is not None and logs is not None:
+            with gathered_adapters(model):
+                logs.update(threshold_statistics(model, self.adapter_name))
 
 
-@torch.no_grad()
-def restore_merged_state(model: torch.nn.Module, state: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Put `merged_state(...)` of an earlier run back into a model built the same way."""
-    layers = dict(iter_jumplora_layers(model))
-    if set(layers) != set(state["weights"]):
-        raise ValueError(
-            f"the saved state adapts {len(state['weights'])} layers, this model {len(layers)}; "
-            "resume with the same model and target_modules"
-        )
-    for name, layer in layers.items():
-        weight = layer.get_base_layer().weight
-        weight.copy_(state["weights"][name].to(weight.device, weight.dtype))
-        past = state["w_past"].get(name)
-        layer.ella_w_past = None if past is None else past.to(weight.device)
+class TaskSequence(TrainerCallback):
+    """Runs the tasks of `spans` inside one `Trainer.train()`: each begins at its first optimizer step and is
+    finished once its last step is done and logged (at the next step's start, or at the end of training: the
+    Trainer logs a step after `on_step_end`, so the logs of a task's last step still describe its adapters).
+
+    Its inputs are its own: the spans, the seed, what to do at a task's start (`prepare`), how to evaluate
+    (`evaluate(task) -> row`), the record it fills and the callbacks it announces the events to.
+    """
+
+    def __init__(
+        self,
+        spans: Sequence[TaskSpan],
+        seed: int,
+        record,
+        evaluate: Callable[[TaskSpan], list],
+        callbacks: Callable[[], Sequence],
+        accumulate_w_past: bool,
+        prepare: Callable[[torch.nn.Module], None] | None = None,
+    ):
+        self.spans, self.seed, self.record = list(spans), seed, record
+        self.evaluate, self.callbacks, self.prepare = evaluate, callbacks, prepare
+        self.accumulate_w_past = accumulate_w_past
+        self.current: TaskSpan | None = None
+
+    def _span_at(self, step: int, attribute: str) -> TaskSpan | None:
+        return next((s for s in self.spans if getattr(s, attribute) == step), None)
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        ending = self._span_at(state.global_step, "end_step")
+        if ending is not None and not self.record.has_finished(ending.index):
+            self._end(args, state, control, ending, model)
+        beginning = self._span_at(state.global_step, "first_step")
+        if beginning is not None:
+            self._begin(args, state, control, beginning, model, optimizer)
+        if self.current is not None:
+            step = state.global_step - self.current.first_step
+            dispatch(self.callbacks(), "on_task_step", args, state, control, task=self.current, step=step, model=model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        ending = self._span_at(state.global_step, "end_step")
+        if ending is not None and not self.record.has_finished(ending.index):
+            self._end(args, state, control, ending, model)
+
+    def _begin(self, args, state, control, task: TaskSpan, model, optimizer) -> None:
+        self.current = task
+        set_seed(self.seed + task.index)  # dropout etc. of a task independent of the tasks before it
+        with writing_adapters(model, include_base=self.prepare is not None):
+            if self.prepare is not None:
+                self.prepare(model)
+            begin_task(model, task.index, self.seed)
+        reset_optimizer_state(optimizer)  # Adam moments and step count start afresh, as in a new optimizer
+        dispatch(self.callbacks(), "on_task_begin", args, state, control, task=task, model=model, optimizer=optimizer)
+
+    def _end(self, args, state, control, task: TaskSpan, model) -> None:
+        with writing_adapters(model, include_base=True):
+            update = end_task(model, self.accumulate_w_past, record_layers=True)
+        self.record.add_task(task.name, update)
+        dispatch(self.callbacks(), "on_task_end", args, state, control, task=task, update=update, model=model)
+        row = self.evaluate(task)
+        self.record.add_row(task.index, row)
+        dispatch(self.callbacks(), "on_task_evaluated", args, state, control, task=task, row=row, record=self.record, model=model)
+        update.layers.clear()  # written by now; only the supports stay in memory
+        self.current = None

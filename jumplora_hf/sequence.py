@@ -19,12 +19,14 @@ from transformers import get_scheduler
 
 @dataclass(frozen=True)
 class TaskSpan:
-    """Task `index` owns the optimizer steps first_step .. first_step + num_steps − 1 of the run."""
+    """Task `index` (named `name`) owns the optimizer steps first_step .. first_step + num_steps − 1 of the run."""
 
     index: int
     num_examples: int
     first_step: int
     num_steps: int
+    name: str = ""
+    steps_per_epoch: int = 0  # optimizer steps of one pass over the task's examples
 
     @property
     def end_step(self) -> int:
@@ -39,6 +41,7 @@ def plan_task_spans(
     gradient_accumulation_steps: int,
     num_train_epochs: float,
     max_steps_per_task: int = -1,
+    names: Sequence[str] | None = None,
 ) -> list[TaskSpan]:
     """Steps per task: `max_steps_per_task` when > 0, else `num_train_epochs` passes over the task's data.
 
@@ -51,7 +54,8 @@ def plan_task_spans(
         batches_per_epoch = math.ceil(n / per_device_batch_size)
         steps_per_epoch = math.ceil(batches_per_epoch / (num_processes * gradient_accumulation_steps))
         steps = max_steps_per_task if max_steps_per_task > 0 else max(1, math.ceil(num_train_epochs * steps_per_epoch))
-        spans.append(TaskSpan(first_index + offset, n, step, steps))
+        name = names[offset] if names else f"task{first_index + offset}"
+        spans.append(TaskSpan(first_index + offset, n, step, steps, name, steps_per_epoch))
         step += steps
     return spans
 

@@ -57,6 +57,39 @@ def threshold_groups(model: torch.nn.Module, adapter: str = "default") -> dict[i
     return groups
 
 
+def tie_thresholds(model: torch.nn.Module, adapter: str | None = None) -> int:
+    """Make the layers of each threshold group share one log τ parameter; returns the number of groups.
+
+    Called when the model is built (`get_jumplora_model`, `load_jumplora_adapter`, and by the trainer and the
+    callback for models that PEFT or trl built), before any optimizer exists: the optimizer must see the shared
+    parameter. Idempotent. All adapters when `adapter` is None.
+    """
+    groups: dict[tuple[str, str], torch.nn.Parameter] = {}
+    for _, layer in iter_jumplora_layers(model):
+        for name in list(layer.lora_log_tau):
+            if adapter is not None and name != adapter:
+                continue
+            key = (name, layer.jump_threshold_group[name])
+            shared = groups.setdefault(key, layer.lora_log_tau[name])
+            if layer.lora_log_tau[name] is not shared:
+                if shared.device != layer.lora_log_tau[name].device:
+                    raise ValueError(
+                        f"threshold group {key[1]!r} spans layers on {shared.device} and {layer.lora_log_tau[name].device}; "
+                        "put the adapted layers on one device or use threshold_mode='per_module'"
+                    )
+                layer.lora_log_tau[name] = shared
+    return len(groups)
+
+
+def thresholds_are_tied(model: torch.nn.Module, adapter: str = "default") -> bool:
+    """Whether every threshold group shares one parameter (see `tie_thresholds`)."""
+    names = {}
+    for _, layer in iter_jumplora_layers(model):
+        if layer.is_jump(adapter):
+            names.setdefault(layer.jump_threshold_group[adapter], set()).add(id(layer.lora_log_tau[adapter]))
+    return all(len(ids) == 1 for ids in names.values())
+
+
 def _log_tau_between(low: float, high: float) -> float:
     """A float32 log τ with low ≤ exp(log τ) < high as float32 computes it (log/exp do not round-trip)."""
     log_tau = torch.tensor(math.log(max(low, _TINY)), dtype=torch.float32)
@@ -84,10 +117,8 @@ def initialize_thresholds(model: torch.nn.Module, adapter: str = "default") -> d
             low, high = 0.0, math.inf
         # τ = 0 (e.g. ΔW still all zero) would make log τ infinite: keep the smallest normal float instead
         log_tau = _log_tau_between(max(low, _TINY), high)
-        with torch.no_grad():
-            layers[0].lora_log_tau[adapter].fill_(log_tau)
         for layer in layers:
-            layer.jump_tau_ready[adapter] = True
+            layer.set_log_tau(adapter, log_tau)
         taus[layers[0].jump_threshold_group[adapter]] = math.exp(log_tau)
     return taus
 
@@ -98,7 +129,7 @@ def threshold_statistics(model: torch.nn.Module, adapter: str = "default") -> di
     groups = threshold_groups(model, adapter)
     if not groups:
         return {}
-    taus = [layers[0].lora_log_tau[adapter].exp().item() for layers in groups.values()]
+    taus = [layers[0].log_tau(adapter).exp().item() for layers in groups.values()]
     stats = {"jump/tau_min": min(taus), "jump/tau_mean": sum(taus) / len(taus), "jump/tau_max": max(taus)}
     first = next(iter(groups.values()))[0]
     stats["jump/gamma"] = first.jump_gamma[adapter]

@@ -14,24 +14,20 @@ import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
+from peft.utils.integrations import gather_params_ctx
 
+from ._compat import has_zero_fp32_fragment, is_zero3_param, zero3_local_shard
 from .layer import iter_jumplora_layers
-
-
-def _is_zero3(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id")
 
 
 @contextlib.contextmanager
 def gathered(params: Iterable[torch.nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
     """Whole ZeRO-3 parameters inside the block; with `modifier_rank`, that rank's writes are kept everywhere."""
-    params = list({id(p): p for p in params if _is_zero3(p)}.values())
+    params = list({id(p): p for p in params if is_zero3_param(p)}.values())
     if not params:
         yield
         return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+    with gather_params_ctx(params, modifier_rank=modifier_rank):
         yield
 
 
@@ -64,19 +60,19 @@ def writing_adapters(model: torch.nn.Module, include_base: bool = False) -> Iter
 def sync_master_weights(params: Iterable[torch.nn.Parameter]) -> None:
     """Copy the current values of trainable parameters into DeepSpeed's fp32 master copies.
 
-    ZeRO-3: each rank copies its own shard (`ds_tensor`, already re-sharded from rank 0's write), which
+    ZeRO-3: each rank copies its own shard (already re-sharded from rank 0's write), which
     needs no gather and also works for parameters smaller than the number of ranks, such as τ.
     ZeRO 1-2: the parameter is whole on every rank and is copied into the fragment this rank owns.
     """
     params = [p for p in params if p.requires_grad]
-    if not any(_is_zero3(p) or getattr(p, "_hp_mapping", None) is not None for p in params):
+    if not any(is_zero3_param(p) or has_zero_fp32_fragment(p) for p in params):
         return
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
 
     for param in params:
-        if _is_zero3(param):
-            safe_set_local_fp32_param(param, param.ds_tensor.data.float())
-        elif getattr(param, "_hp_mapping", None) is not None:
+        if is_zero3_param(param):
+            safe_set_local_fp32_param(param, zero3_local_shard(param).data.float())
+        elif has_zero_fp32_fragment(param):
             safe_set_full_fp32_param(param, param.data.float())
 
 
@@ -84,9 +80,9 @@ def register_adapted_weights_as_external(model: torch.nn.Module) -> None:
     """ZeRO-3 gathers a module's own parameters when its forward starts. The fused JumpLoRA forward reads
     the base weight and A, B, τ directly (one GEMM), not through the child modules' forwards, so they are
     registered as external parameters of the adapted layer: gathered for its forward and backward."""
-    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+    import deepspeed
 
     for _, layer in iter_jumplora_layers(model):
         for name, param in layer.named_parameters():
             if "lora_" in name or name == "base_layer.weight":
-                register_external_parameter(layer, param)
+                deepspeed.zero.register_external_parameter(layer, param)

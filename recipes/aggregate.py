@@ -16,12 +16,17 @@ task order of a run is read from the layout the recipes write, `runs/<order>/<me
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep instead of spinning
+
 import argparse
 import os
 import sys
 
-from jumplora_hf.aggregation import PAPER_OA, aggregate_runs, format_paired_differences, format_table, paired_differences
-from jumplora_hf.reports import write_atomic, write_run_reports
+from jumplora_hf.bench.aggregation import PAPER_OA, aggregate_runs, format_paired_differences, format_table, paired_differences
+from jumplora_hf.bench.reports import write_run_reports
+from jumplora_hf.files import write_atomic
 
 
 def parse_args(argv=None) -> argparse.Namespace:

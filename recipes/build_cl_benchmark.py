@@ -10,11 +10,15 @@ per class, train/dev = 80%/20% of a pool of at most 1000 per class, fixed by --s
 Then train on it: python recipes/sc.py --data_dir data/cl_benchmark --order order1
 """
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep instead of spinning
+
 import argparse
 import logging
 import sys
 
-from jumplora_hf.hub_builders import (
+from jumplora_hf.bench.hub_builders import (
     DEFAULT_SEED,
     HUB_TASKS,
     POOL_PER_CLASS,

@@ -16,23 +16,26 @@ merged update, and writes the tables and plots into runs/demo/<method>.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep instead of spinning
+
 import argparse
 import copy
-import logging
-import math
 import os
 import shutil
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from jumplora_hf import METHODS, ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, ContinualTask, JumpLoraConfig
-from jumplora_hf.gguf import SMOLLM2_GGUF, SMOLLM2_PACKAGE, convert_gguf, packaged_file
-from jumplora_hf.reports import write_run_reports  # tables always; plots when matplotlib is installed
-from jumplora_hf.synthetic import CATEGORY_RULES, conflicting_task_stream
+from jumplora_hf.bench.gguf import SMOLLM2_GGUF, SMOLLM2_PACKAGE, convert_gguf, packaged_file
+from jumplora_hf.bench.reports import write_run_reports  # tables always; plots when matplotlib is installed
+from jumplora_hf.bench.console import TaskProgress, comparison_line, print_report
+from jumplora_hf.bench.synthetic import CATEGORY_RULES, conflicting_task_stream
+from jumplora_hf.state import STATE_FILE
 
-from _report import comparison_line, print_report  # recipes/_report.py: this script's folder is on sys.path
 
 
 MODEL_DIR = os.path.join("models", "SmolLM2-135M-Instruct")
@@ -62,36 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class _Progress(TrainerCallback):
-    """A line when a task starts training, with the time since the demo started."""
-
-    def __init__(self, trainer: ContinualSeq2SeqTrainer, tasks: list[ContinualTask], start: float):
-        self.trainer, self.tasks, self.start = trainer, tasks, start
-        self.announced = None
-
-    def say(self, text: str) -> None:
-        print(f"[{time.time() - self.start:6.0f} s] {self.trainer.args.method}: {text}", flush=True)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        index = self.trainer.task_index  # set before the task's first step
-        if index != self.announced:
-            self.announced = index
-            examples = len(self.tasks[index].train_dataset)
-            steps = math.ceil(examples / (args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps))
-            self.say(f"task {index + 1}/{len(self.tasks)} '{self.tasks[index].name}': training, {examples} examples in {steps} steps")
-
-
-class _SayHandler(logging.Handler):
-    """Shows the trainer's "task i/n (name) done: accuracies [...]" log line as a progress line."""
-
-    def __init__(self, progress: _Progress):
-        super().__init__(logging.INFO)
-        self.progress = progress
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.progress.say(record.getMessage())
-
-
 def run_demo(
     model,
     tokenizer,
@@ -114,32 +87,23 @@ def run_demo(
     lambdas = ella_lambda or [0.0]
     if len(lambdas) not in (1, len(tasks)):  # e.g. "0 1e4": 0 for the first task, 1e4 for every later one
         lambdas = [lambdas[0]] + [lambdas[-1]] * (len(tasks) - 1)
-    trainer_logger = logging.getLogger("jumplora_hf.trainer")
     reports = {}
     for method in methods:
         output_dir = os.path.join(output_root, method)
-        if os.path.exists(os.path.join(output_dir, "continual_state.pt")):
+        if os.path.exists(os.path.join(output_dir, STATE_FILE)):
             print(f"{method}: resuming the finished tasks in {output_dir} (--fresh starts over)")
         set_seed(seed)
         config = ContinualSeq2SeqConfig(
-            output_dir=output_dir, method=method, ella_lambda=lambdas if METHODS[method][1] else None,
+            output_dir=output_dir, method=method, ella_lambda=lambdas if METHODS[method].ella else None,
             learning_rate=learning_rate, lr_scheduler_type="constant", warmup_steps=0,
             per_device_train_batch_size=batch_size, per_device_eval_batch_size=max(len(t.eval_dataset) for t in tasks),
             num_train_epochs=1, max_source_length=max_source_length, logging_steps=16, report_to="none", seed=seed,
             use_cpu=not torch.cuda.is_available(), disable_tqdm=disable_tqdm,
         )
         adapters = JumpLoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=list(target_modules))
-        trainer = ContinualSeq2SeqTrainer(copy.deepcopy(model), config, tokenizer, peft_config=adapters)
-        progress = _Progress(trainer, tasks, start)
-        trainer.add_callback(progress)
-        handler, level = _SayHandler(progress), trainer_logger.level
-        trainer_logger.addHandler(handler)
-        trainer_logger.setLevel(logging.INFO)
-        try:
-            report = trainer.train_continual(tasks)
-        finally:
-            trainer_logger.removeHandler(handler)
-            trainer_logger.setLevel(level)
+        progress = TaskProgress(len(tasks), method, start)
+        trainer = ContinualSeq2SeqTrainer(copy.deepcopy(model), config, tokenizer, peft_config=adapters, callbacks=[progress])
+        report = trainer.train_continual(tasks)
         print_report(report)
         print("written: " + ", ".join(write_run_reports(output_dir, report)))
         reports[method] = report

@@ -11,6 +11,10 @@ the sparsity / overlap of the merged updates.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep instead of spinning
+
 import argparse
 import os
 
@@ -18,9 +22,9 @@ import torch
 from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration, set_seed
 
 from jumplora_hf import METHODS, ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, JumpLoraConfig
-from jumplora_hf.synthetic import keyword_task_stream
+from jumplora_hf.bench.synthetic import keyword_task_stream
 
-from _report import print_report  # recipes/_report.py: this script's folder is on sys.path
+from jumplora_hf.bench.console import print_report
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,7 +54,7 @@ def main(argv=None) -> dict:
     )
     lambdas = args.ella_lambda if len(args.ella_lambda) in (1, args.tasks) else [args.ella_lambda[0]] + [args.ella_lambda[-1]] * (args.tasks - 1)
     config = ContinualSeq2SeqConfig(
-        output_dir=args.output_dir, method=args.method, ella_lambda=lambdas if "ella" in args.method else None,
+        output_dir=args.output_dir, method=args.method, ella_lambda=lambdas if METHODS[args.method].ella else None,
         learning_rate=3e-3, lr_scheduler_type="constant", per_device_train_batch_size=8, per_device_eval_batch_size=64,
         num_train_epochs=1, logging_steps=50, report_to="none", seed=args.seed,
         use_cpu=not torch.cuda.is_available(),

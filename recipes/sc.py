@@ -3,13 +3,17 @@
 Defaults: google-t5/t5-large, r 8, α 32, q/v, lr 1e-3 constant, batch 32, one epoch per task, S_start 0.2,
 S_final 0.8, ε 0.001, source 512 / target 8 tokens, seed 42, λ of the paper's Table 7 for the ELLA methods.
 
-    accelerate launch recipes/sc.py --method jumplora_inclora --order order1 --data_dir ../shared/cl_benchmark
+    accelerate launch recipes/sc.py --method jumplora_inclora --order order1 --data_dir data/cl_benchmark
     python recipes/sc.py --method jumplora_ella --order order2 --seed 43 --output_dir runs/sc_o2_s43
     python recipes/sc.py my_run.yaml            # the same flags as keys of a YAML file
-    python recipes/sc.py --help
+    python recipes/sc.py --help                 # the recipe's flags; --help-all: every Trainer flag too
 """
 
-from jumplora_hf.recipe import main
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep instead of spinning
+
+from jumplora_hf.bench.recipe import main  # noqa: E402
 
 if __name__ == "__main__":
-    main(default_order="order1")
+    main(default_order="order1", description=__doc__)

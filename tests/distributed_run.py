@@ -5,31 +5,36 @@
 """
 
 import argparse
+import json
 import os
 import sys
 
 import torch
-from transformers import TrainerCallback
+from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny import keyword_task, tiny_t5, tokenizer  # noqa: E402
 
-from jumplora_hf import ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, JumpLoraConfig, iter_jumplora_layers  # noqa: E402
+from jumplora_hf import (  # noqa: E402
+    ContinualCallback,
+    ContinualSeq2SeqConfig,
+    ContinualSeq2SeqTrainer,
+    JumpLoraConfig,
+    iter_jumplora_layers,
+)
 from jumplora_hf.zero import gathered_adapters  # noqa: E402
 
 
-class TaskStartProbe(TrainerCallback):
-    """Max |B| over all adapters at every task's first step: 0 when the task starts from ΔW = 0."""
+class TaskStartProbe(ContinualCallback):
+    """Max |B| over all adapters when every task begins: 0 when the task starts from ΔW = 0; and the optimizer state."""
 
     def __init__(self):
-        self.trainer = None
         self.max_abs_b, self.optimizer_states = [], []
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if state.global_step in {span.first_step for span in self.trainer.task_spans}:
-            with gathered_adapters(model):
-                self.max_abs_b.append(max(layer.lora_B["default"].weight.abs().max().item() for _, layer in iter_jumplora_layers(model)))
-            self.optimizer_states.append(len(innermost_optimizer(self.trainer.optimizer).state))
+    def on_task_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        with gathered_adapters(model):
+            self.max_abs_b.append(max(layer.lora_B["default"].weight.abs().max().item() for _, layer in iter_jumplora_layers(model)))
+        self.optimizer_states.append(len(innermost_optimizer(optimizer).state))
 
 
 def innermost_optimizer(optimizer):
@@ -53,7 +58,8 @@ def main():
     parser.add_argument("--method", default="jumplora_ella")
     parser.add_argument("--threshold_mode", default="per_block")
     parser.add_argument("--optim", default="sgd", help="sgd: updates linear in the gradient, so backends agree closely")
-    parser.add_argument("--zero_stage", type=int, default=0, help="2 or 3: DeepSpeed ZeRO (launch with 2 processes)")
+    parser.add_argument("--zero_stage", type=int, default=0, help="2 or 3: DeepSpeed ZeRO from the arguments (no config file)")
+    parser.add_argument("--tau_lr_multiplier", type=float, default=2.0)
     cli = parser.parse_args()
     args = ContinualSeq2SeqConfig(
         output_dir=cli.out, method=cli.method, ella_lambda=[0.0, 100.0, 100.0] if "ella" in cli.method else None,
@@ -65,6 +71,7 @@ def main():
         average_tokens_across_devices=False,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available() else None,
         deepspeed=deepspeed_config(cli.zero_stage) if cli.zero_stage else None,
+        tau_lr_multiplier=cli.tau_lr_multiplier,
     )
     probe = TaskStartProbe()
     config = JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], threshold_mode=cli.threshold_mode)
@@ -75,17 +82,22 @@ def main():
         keyword_task(f"task{i}", options, triggers, n_train=32, n_eval=12, seed=i, filler=(0, 0))
         for i, (options, triggers) in enumerate([(["aa", "bb"], ["xx", "yy"]), (["cc", "dd"], ["uu", "vv"]), (["ee", "ff"], ["ss", "tt"])])
     ]
-    probe.trainer = trainer
     report = trainer.train_continual(tasks)
     with gathered_adapters(trainer.model, include_base=True):
         weights = {name: layer.get_base_layer().weight.detach().float().cpu().clone() for name, layer in iter_jumplora_layers(trainer.model)}
     trainer.save_merged_model(os.path.join(cli.out, "merged"))
     if trainer.is_world_process_zero():
         steps = [int(s["step"]) for s in innermost_optimizer(trainer.optimizer).state.values() if "step" in s]
-        torch.save({"report": report, "weights": weights, "task_start_max_abs_b": probe.max_abs_b,
-                    "task_start_optimizer_states": probe.optimizer_states, "last_task_steps": trainer.task_spans[-1].num_steps,
-                    "optimizer_step_counts": steps,
-                    "world_size": trainer.args.world_size}, os.path.join(cli.out, "result.pt"))
+        save_file(weights, os.path.join(cli.out, "weights.safetensors"))
+        result = {
+            "report": report, "task_start_max_abs_b": probe.max_abs_b, "task_start_optimizer_states": probe.optimizer_states,
+            "last_task_steps": trainer.task_spans[-1].num_steps, "optimizer_step_counts": steps,
+            "world_size": trainer.args.world_size,
+            "group_lrs": [g["lr"] for g in innermost_optimizer(trainer.optimizer).param_groups],
+            "learning_rate": trainer.args.learning_rate,
+        }
+        with open(os.path.join(cli.out, "result.json"), "w") as f:
+            json.dump(result, f)
 
 
 if __name__ == "__main__":

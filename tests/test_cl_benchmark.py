@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from jumplora_hf.cl_benchmark import load_cl_benchmark
+from jumplora_hf.bench.cl_benchmark import load_cl_benchmark
 
 
 @pytest.fixture

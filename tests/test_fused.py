@@ -161,9 +161,9 @@ def _layer(jump_fused, gamma):
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(std=0.1)
         delta = layer.delta_weight("default")
-        layer.lora_log_tau["default"].fill_(delta.abs().median().log())
+        layer.set_log_tau("default", float(delta.abs().median().log()))
     layer.jump_bandwidth["default"] = float(0.2 * delta.abs().median())
-    layer.jump_gamma["default"] = gamma
+    layer.set_gamma("default", gamma)
     return layer
 
 
@@ -200,7 +200,7 @@ def test_layer_falls_back_at_gamma_zero_merged_and_disabled(monkeypatch):
     x = torch.randn(3, D_IN)
     layer(x)
     assert not calls
-    layer.jump_gamma["default"] = 1.0
+    layer.set_gamma("default", 1.0)
     expected = layer(x)
     assert len(calls) == 1
     layer.merge()

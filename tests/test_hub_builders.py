@@ -9,8 +9,8 @@ from collections import Counter
 import datasets
 import pytest
 
-from jumplora_hf.cl_benchmark import load_cl_benchmark
-from jumplora_hf.hub_builders import HUB_TASKS, ORDERS, HubLoadError, build_benchmark, build_task, sample_splits
+from jumplora_hf.bench.cl_benchmark import load_cl_benchmark
+from jumplora_hf.bench.hub_builders import HUB_TASKS, ORDERS, HubLoadError, build_benchmark, build_task, sample_splits
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 CAPS = dict(test_per_class=5, pool_per_class=10)

@@ -1,11 +1,15 @@
-"""Adapter / merged / unloaded / reloaded states agree, over a tiny T5 and a tiny Llama."""
+"""The JumpLoRA layer through PEFT's operations, in peft's style (`tests/testing_common.py`): one table of cases
+over {tiny T5, tiny Llama} × threshold mode × {fused, reference}, each compared across the adapter, merged,
+unmerged, deleted, reloaded and low-precision states, with "merged ≠ base" so that no check passes on an
+identity adapter."""
 
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
 from tiny import TINY_MODELS
 
 from jumplora_hf import (
@@ -21,6 +25,12 @@ from jumplora_hf import (
 )
 
 TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
+GROUPS = {("t5", "global"): 1, ("t5", "per_block"): 4, ("t5", "per_module"): 12,
+          ("llama", "global"): 1, ("llama", "per_block"): 2, ("llama", "per_module"): 4}
+CASES = [
+    pytest.param(arch, mode, fused, id=f"{arch}-{mode}-{'fused' if fused else 'reference'}")
+    for arch in ("t5", "llama") for mode in ("global", "per_block", "per_module") for fused in (True, False)
+]
 
 
 def _inputs(arch, seed=0):
@@ -31,40 +41,154 @@ def _inputs(arch, seed=0):
     return {"input_ids": ids}
 
 
-def _trained_like(model, seed=1):
-    """Give every adapter a non-trivial B so that ΔW ≠ 0."""
+def _logits(model, arch):
+    with torch.no_grad():
+        return model(**_inputs(arch)).logits
+
+
+def _trained_like(model, adapter="default", seed=1):
+    """A non-trivial B (ΔW ≠ 0), τ at S_start and the gate fully on: the state a task ends in."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in iter_jumplora_layers(model):
-            layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=gen) * 0.05)
+            weight = layer.lora_B[adapter].weight
+            weight.copy_(torch.randn(weight.shape, generator=gen) * 0.05)
+    initialize_thresholds(model, adapter)
+    set_interpolation_gamma(model, 1.0, adapter)
     return model
 
 
-def _jump_model(arch, **config):
-    config = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS[arch], **config}
-    return _trained_like(get_jumplora_model(TINY_MODELS[arch](), JumpLoraConfig(**config))).eval()
+def _config(arch, mode="global", fused=True, **overrides):
+    return JumpLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], threshold_mode=mode, jump_fused=fused, **overrides)
+
+
+def _model(arch, mode="global", fused=True):
+    return _trained_like(get_jumplora_model(TINY_MODELS[arch](), _config(arch, mode, fused))).eval()
+
+
+def _base_weights(model):
+    return {name: layer.get_base_layer().weight.detach().clone() for name, layer in iter_jumplora_layers(model)}
+
+
+@pytest.mark.parametrize("arch,mode,fused", CASES)
+def test_merge_unmerge_and_safe_merge(arch, mode, fused):
+    model = _model(arch, mode, fused)
+    base_logits = _logits(TINY_MODELS[arch]().eval(), arch)
+    adapter_logits = _logits(model, arch)
+    assert not torch.allclose(adapter_logits, base_logits, atol=1e-4)  # the adapter is not the identity
+    weights = _base_weights(model)
+    masks = {name: layer.final_delta("default") != 0 for name, layer in iter_jumplora_layers(model)}
+    assert len({id(layer.lora_log_tau["default"]) for _, layer in iter_jumplora_layers(model)}) == GROUPS[arch, mode]
+
+    for safe in (False, True):
+        model.merge_adapter(safe_merge=safe)
+        assert torch.allclose(_logits(model, arch), adapter_logits, atol=1e-5)
+        for name, layer in iter_jumplora_layers(model):
+            changed = layer.get_base_layer().weight != weights[name]
+            assert torch.equal(changed, masks[name]), name  # W changes exactly on the support of ΔW_final
+        model.unmerge_adapter()
+        assert torch.allclose(_logits(model, arch), adapter_logits, atol=1e-5)
+        for name, layer in iter_jumplora_layers(model):
+            assert torch.allclose(layer.get_base_layer().weight, weights[name], atol=1e-6), name
+
+    merged = model.merge_and_unload()
+    assert torch.allclose(_logits(merged, arch), adapter_logits, atol=1e-5)
+    assert not torch.allclose(_logits(merged, arch), base_logits, atol=1e-4)  # merged ≠ base
+    assert not any("lora" in name for name in merged.state_dict())
+
+
+@pytest.mark.parametrize("arch,mode,fused", CASES)
+def test_save_reload_and_state_dict_into_a_fresh_model(tmp_path, arch, mode, fused):
+    model = _model(arch, mode, fused)
+    expected = _logits(model, arch)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()
+    reloaded = load_jumplora_adapter(TINY_MODELS[arch](), str(tmp_path)).eval()
+    assert reloaded.peft_config["default"].threshold_mode == mode
+    layers = [layer for _, layer in iter_jumplora_layers(reloaded)]
+    assert len({id(layer.lora_log_tau["default"]) for layer in layers}) == GROUPS[arch, mode]  # ties rebuilt
+    assert torch.allclose(_logits(reloaded, arch), expected, atol=1e-6)
+    assert all(layer.jump_gamma["default"] == 1.0 and layer.jump_tau_ready["default"] for layer in layers)
+
+    # plain PEFT refuses it rather than loading the dense update
+    with pytest.raises(ValueError, match="load_jumplora_adapter"):
+        PeftModel.from_pretrained(TINY_MODELS[arch](), str(tmp_path))
+
+    # the state dict carries γ and τ: loaded into a freshly built model (γ = 0, gate open), the outputs match
+    fresh = get_jumplora_model(TINY_MODELS[arch](), _config(arch, mode, fused)).eval()
+    assert not torch.allclose(_logits(fresh, arch), expected, atol=1e-4)
+    set_peft_model_state_dict(fresh, get_peft_model_state_dict(model))
+    assert torch.allclose(_logits(fresh, arch), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,mode,fused", CASES)
+def test_second_adapter_and_delete(arch, mode, fused):
+    model = _model(arch, mode, fused)
+    first = _logits(model, arch)
+    base_logits = _logits(TINY_MODELS[arch]().eval(), arch)
+    model.add_adapter("other", _config(arch, mode, fused))
+    _trained_like(model, "other", seed=2)
+    model.set_adapter("other")
+    second = _logits(model, arch)
+    assert not torch.allclose(first, second, atol=1e-4)
+    for _, layer in iter_jumplora_layers(model):
+        assert layer.lora_log_tau["other"] is not layer.lora_log_tau["default"]
+        assert layer.lora_log_tau["other"].requires_grad and not layer.lora_log_tau["default"].requires_grad
+    model.set_adapter("default")
+    assert torch.allclose(_logits(model, arch), first, atol=1e-6)
+
+    model.delete_adapter("other")
+    for _, layer in iter_jumplora_layers(model):
+        for state in (layer.lora_log_tau, layer.lora_gate_state, layer.jump_gamma, layer.jump_tau_ready, layer.jump_fused,
+                      layer.jump_bandwidth, layer.jump_threshold_group):
+            assert "other" not in state
+    assert not any(".other" in name for name in model.state_dict())
+    assert torch.allclose(_logits(model, arch), first, atol=1e-6)
+    model.delete_adapter("default")
+    assert torch.allclose(_logits(model.base_model.model, arch), base_logits, atol=1e-6)  # PEFT keeps no active adapter
+
+
+@pytest.mark.parametrize("arch", ["t5", "llama"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model(arch, dtype):
+    model = _model(arch)
+    reference = _logits(model, arch)
+    model = model.to(dtype)
+    low = _logits(model, arch).float()
+    assert torch.allclose(low, reference, atol=0.15, rtol=0.05)
+    for _, layer in iter_jumplora_layers(model):
+        assert layer.log_tau("default").dtype == torch.float32  # the threshold is never rounded by the cast
+    merged = model.merge_and_unload()
+    assert torch.allclose(_logits(merged, arch).float(), low, atol=0.15, rtol=0.05)
+
+
+def test_add_weighted_adapter_is_refused():
+    model = _model("t5")
+    model.add_adapter("other", _config("t5"))
+    with pytest.raises(NotImplementedError, match="add_weighted_adapter.*ΔW ⊙ H"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "combined", combination_type="linear")
 
 
 @pytest.mark.parametrize("arch", ["t5", "llama"])
 def test_gamma_zero_is_exactly_plain_lora(arch):
     base = TINY_MODELS[arch]()
     plain = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch])).eval()
-    jump = get_jumplora_model(base, JumpLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch])).eval()
+    jump = get_jumplora_model(base, _config(arch)).eval()
     _trained_like(jump)
+    set_interpolation_gamma(jump, 0.0)  # τ is set, but γ = 0 must ignore it
     plain.load_state_dict(jump.state_dict(), strict=False)
-    initialize_thresholds(jump)  # τ is set, but γ = 0 must ignore it
-    with torch.no_grad():
-        assert torch.equal(jump(**_inputs(arch)).logits, plain(**_inputs(arch)).logits)
+    assert torch.equal(_logits(jump, arch), _logits(plain, arch))
 
 
 def test_gamma_one_is_the_dense_layer_with_the_jumped_update():
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 7)
-    layer = JumpLoraLinear(copy.deepcopy(base), "default", config=JumpLoraConfig(r=3, lora_alpha=6), r=3, lora_alpha=6, target_name="l")
+    config = JumpLoraConfig(r=3, lora_alpha=6)
+    layer = JumpLoraLinear(copy.deepcopy(base), "default", config=config, r=3, lora_alpha=6, target_name="l")
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_()
-        layer.lora_log_tau["default"].fill_(torch.tensor(0.3).log())
-    layer.jump_gamma["default"] = 1.0
+    layer.set_log_tau("default", float(torch.tensor(0.3).log()))
+    layer.set_gamma("default", 1.0)
     x = torch.randn(5, 4, 12)
     delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     jumped = delta * (delta.abs() > 0.3)
@@ -74,73 +198,19 @@ def test_gamma_one_is_the_dense_layer_with_the_jumped_update():
 
 
 @pytest.mark.parametrize("arch", ["t5", "llama"])
-@pytest.mark.parametrize("threshold_mode", ["global", "per_block", "per_module"])
-def test_merge_and_unload_equals_adapter_at_gamma_one(arch, threshold_mode):
-    model = _jump_model(arch, threshold_mode=threshold_mode)
-    initialize_thresholds(model)
-    set_interpolation_gamma(model, 1.0)
-    before = {name: layer.get_base_layer().weight.detach().clone() for name, layer in iter_jumplora_layers(model)}
-    masks = {name: layer.final_delta("default") != 0 for name, layer in iter_jumplora_layers(model)}
-    with torch.no_grad():
-        adapter_out = model(**_inputs(arch)).logits
-        merged = model.merge_and_unload()
-        merged_out = merged(**_inputs(arch)).logits
-    assert torch.allclose(adapter_out, merged_out, atol=1e-5)
-    modules = dict(merged.named_modules())
-    for name, weight in before.items():
-        changed = modules[name.removeprefix("base_model.model.")].weight != weight
-        assert torch.equal(changed, masks[name]), name  # W changes exactly on the support of ΔW_final
-        assert 0 < masks[name].float().mean() < 1
-
-
-@pytest.mark.parametrize("arch", ["t5", "llama"])
 def test_task_end_merge_then_fresh_adapter_starts_from_zero(arch):
-    model = _jump_model(arch)
-    initialize_thresholds(model)
-    set_interpolation_gamma(model, 1.0)
-    with torch.no_grad():
-        adapter_out = model(**_inputs(arch)).logits
+    model = _model(arch)
+    adapter_out = _logits(model, arch)
     end_task(model, accumulate_w_past=False)
-    with torch.no_grad():  # the update now lives in the base weights only: nothing is applied twice
-        assert torch.allclose(model(**_inputs(arch)).logits, adapter_out, atol=1e-5)
+    assert torch.allclose(_logits(model, arch), adapter_out, atol=1e-5)  # the update lives in the base weights only
     begin_task(model, task_index=1, seed=0)
     for _, layer in iter_jumplora_layers(model):
         assert not layer.lora_B["default"].weight.any()
         assert layer.jump_gamma["default"] == 0.0 and not layer.jump_tau_ready["default"]
-    with torch.no_grad():
-        fresh_out = model(**_inputs(arch)).logits  # ΔW = 0: the merged base model alone
-        with model.disable_adapter():
-            base_out = model(**_inputs(arch)).logits
-    assert torch.equal(fresh_out, base_out)
+    fresh_out = _logits(model, arch)  # ΔW = 0: the merged base model alone
+    with model.disable_adapter():
+        assert torch.equal(fresh_out, _logits(model, arch))
     assert torch.allclose(fresh_out, adapter_out, atol=1e-5)
-
-
-@pytest.mark.parametrize("arch", ["t5", "llama"])
-def test_save_and_reload_adapter(tmp_path, arch):
-    model = _jump_model(arch, threshold_mode="per_block")
-    initialize_thresholds(model)
-    set_interpolation_gamma(model, 1.0)
-    with torch.no_grad():
-        expected = model(**_inputs(arch)).logits
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()
-    reloaded = load_jumplora_adapter(TINY_MODELS[arch](), str(tmp_path)).eval()
-    assert reloaded.peft_config["default"].threshold_mode == "per_block"
-    layers = [layer for _, layer in iter_jumplora_layers(reloaded)]
-    assert len({id(layer.lora_log_tau["default"]) for layer in layers}) == {"t5": 4, "llama": 2}[arch]  # ties rebuilt
-    with torch.no_grad():
-        assert torch.allclose(reloaded(**_inputs(arch)).logits, expected, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    "threshold_mode,groups", [("global", 1), ("per_block", 4), ("per_module", 12)]
-)
-def test_threshold_groups_share_one_parameter(threshold_mode, groups):
-    model = get_jumplora_model(TINY_MODELS["t5"](), JumpLoraConfig(target_modules=["q", "v"], threshold_mode=threshold_mode))
-    taus = {id(layer.lora_log_tau["default"]) for _, layer in iter_jumplora_layers(model)}
-    assert len(taus) == groups
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad and "log_tau" in n]
-    assert len(trainable) == groups  # named_parameters de-duplicates shared parameters: one τ per group
 
 
 def test_one_config_reused_for_two_models_shares_nothing():
@@ -151,14 +221,34 @@ def test_one_config_reused_for_two_models_shares_nothing():
     assert tau(first) is not tau(second)
 
 
-def test_target_modules_matching_nothing_names_the_modules_seen():
-    with pytest.raises(ValueError, match=r"matched no module.*'q'.*'v'"):
-        get_jumplora_model(TINY_MODELS["t5"](), JumpLoraConfig(target_modules=["query_proj"]))
+def test_plain_get_peft_model_gets_its_thresholds_tied_by_the_callback():
+    from transformers import TrainingArguments
+
+    from jumplora_hf import JumpLoRATrainerCallback
+
+    model = get_peft_model(TINY_MODELS["t5"](), JumpLoraConfig(target_modules=["q", "v"]))
+    assert len({id(layer.lora_log_tau["default"]) for _, layer in iter_jumplora_layers(model)}) == 12  # PEFT alone: one per layer
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    JumpLoRATrainerCallback().on_init_end(args, None, None, model=model)
+    assert len({id(layer.lora_log_tau["default"]) for _, layer in iter_jumplora_layers(model)}) == 1
 
 
-def test_tied_output_head_is_refused():
-    with pytest.raises(ValueError, match="shares its weight"):
-        get_jumplora_model(TINY_MODELS["t5"](), JumpLoraConfig(target_modules=["q", "lm_head"]))
+@pytest.mark.parametrize(
+    "targets,message",
+    [
+        (["query_proj"], r"match no module.*'query_proj'.*'q'.*'v'"),
+        (["q", "vv"], r"match no module.*'vv' \(closest: \['v'"),
+        (["q", "lm_head"], "shares its weight"),
+    ],
+)
+def test_bad_targets_are_refused(targets, message):
+    with pytest.raises(ValueError, match=message):
+        get_jumplora_model(TINY_MODELS["t5"](), JumpLoraConfig(target_modules=targets))
+
+
+def test_a_typo_in_one_llama_target_is_refused_with_the_closest_name():
+    with pytest.raises(ValueError, match=r"'v_prj' \(closest: \['v_proj'"):
+        get_jumplora_model(TINY_MODELS["llama"](), JumpLoraConfig(target_modules=["q_proj", "v_prj"]))
 
 
 @pytest.mark.parametrize(
@@ -177,3 +267,11 @@ def test_tied_output_head_is_refused():
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         JumpLoraConfig(**kwargs)
+
+
+def test_method_is_the_one_switch_of_the_gate():
+    unset = JumpLoraConfig(target_modules=["q"])
+    assert unset.use_jumprelu and unset.with_gate(False, "inclora").use_jumprelu is False
+    with pytest.raises(ValueError, match="conflicts with method 'inclora'"):
+        JumpLoraConfig(target_modules=["q"], use_jumprelu=True).with_gate(False, "inclora")
+    assert JumpLoraConfig(use_jumprelu=False).with_gate(False, "ella").use_jumprelu is False

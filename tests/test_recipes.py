@@ -48,7 +48,7 @@ def test_tiny_run_of_each_recipe(tiny_setup, name, order):
     done = _script(
         name, "--model_name_or_path", str(tiny_setup / "model"), "--data_dir", str(tiny_setup / "data"),
         "--output_dir", str(out), "--method", "jumplora_ella", "--ella_lambda", "0", "100", "--per_device_train_batch_size", "4",
-        "--max_source_length", "128", "--target_modules", "q", "v", "--use_cpu", "--disable_tqdm", "true", "--logging_steps", "1",
+        "--max_source_length", "128", "--jumplora_target_modules", "q", "v", "--use_cpu", "--disable_tqdm", "true", "--logging_steps", "1",
         launcher=(sys.executable,),
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -73,7 +73,7 @@ def test_unloadable_model_names_the_offline_way(tiny_setup):
 
 
 def test_single_task_accuracies_are_read_only_from_a_finished_baseline_of_the_same_tasks(tmp_path):
-    from jumplora_hf.recipe import read_single_task_accuracies
+    from jumplora_hf.bench.recipe import read_single_task_accuracies
 
     assert read_single_task_accuracies(str(tmp_path / "absent"), ["t0"], explicit=False) is None
     with pytest.raises(FileNotFoundError, match="--single_task_baselines true"):

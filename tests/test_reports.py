@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from jumplora_hf.aggregation import PAPER_OA, aggregate_runs, format_paired_differences, format_table, paired_differences
-from jumplora_hf.reports import parse_layer_name, trained_matrix, write_run_reports
+from jumplora_hf.bench.aggregation import PAPER_OA, aggregate_runs, format_paired_differences, format_table, paired_differences
+from jumplora_hf.bench.reports import parse_layer_name, trained_matrix, write_run_reports
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -17,7 +17,7 @@ from jumplora_hf import (
     end_task,
     iter_jumplora_layers,
 )
-from jumplora_hf.ella import record_ella_terms
+from jumplora_hf.sequence import TaskSpan
 from jumplora_hf.metrics import pack_support
 
 TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
@@ -70,7 +70,7 @@ def test_three_task_run_for_every_method(tmp_path, arch, method):
     assert written["accuracy_matrix"] == acc and written["tasks"] == ["task0", "task1", "task2"]
     assert written["backward_transfer"] == report["backward_transfer"]
     sparsity = [task["sparsity"]["mean"] for task in report["per_task"]]
-    if METHODS[method][0]:
+    if METHODS[method].jump_gate:
         assert all(s > 0.2 for s in sparsity), sparsity  # the merged ΔW_final is sparse
         assert all(task["jaccard_with_previous"]["mean"] < 1.0 for task in report["per_task"][1:])
     else:
@@ -84,10 +84,10 @@ def test_three_task_run_for_every_method(tmp_path, arch, method):
     counts = [int(state["step"]) for state in trainer.optimizer.state.values()]
     assert max(counts) == trainer.task_spans[-1].num_steps and min(counts) > 0  # τ starts at S_start
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    if METHODS[method][1]:
+    if METHODS[method].ella:
         assert all("loss_ella" in h and "loss_ce" in h for h in logs)
         assert any(h["loss_ella"] > 0 for h in logs if h["task"] > 0)
-    if METHODS[method][0]:
+    if METHODS[method].jump_gate:
         assert {h["jump/gamma"] for h in logs} >= {0.0, 1.0} and any("jump/sparsity" in h for h in logs)
 
 
@@ -118,7 +118,9 @@ def test_ella_term_counts_once_per_optimizer_step_under_gradient_accumulation(tm
     items = int((batch["labels"] != -100).sum())
     penalty = 100.0 * ella_penalty(model).item()
     assert penalty > 0
-    record_ella_terms(model, "sparse")
+    # the second task begins: the regulariser takes its λ and the layers record their terms
+    trainer.ella.on_task_begin(trainer.args, trainer.state, trainer.control, task=TaskSpan(1, 4, 0, 4, "t"), model=model)
+    assert trainer.ella.lam == 100.0
     trainer.current_gradient_accumulation_steps = 2
     cross_entropy = super(ContinualSeq2SeqTrainer, trainer).compute_loss
     # normalised over the whole accumulated batch: the Trainer will not divide, so the term is divided here
@@ -193,7 +195,7 @@ def test_restart_continues_from_the_last_finished_task(tmp_path):
     full_report = full.train_continual(task_stream(3))
     interrupted = _trainer(tmp_path / "part", "t5", "jumplora_ella", ella_lambda=[50.0])
     interrupted.train_continual(task_stream(3)[:2])  # as if the session ended after task 2
-    assert (tmp_path / "part" / "out" / "continual_state.pt").exists()
+    assert (tmp_path / "part" / "out" / "continual_state.json").exists()
 
     resumed = _trainer(tmp_path / "part", "t5", "jumplora_ella", ella_lambda=[50.0])  # a fresh model
     report = resumed.train_continual(task_stream(3))
@@ -210,11 +212,11 @@ def test_restart_continues_from_the_last_finished_task(tmp_path):
 
 def test_restart_with_other_tasks_is_refused(tmp_path):
     _trainer(tmp_path, "t5", "inclora").train_continual(task_stream(2))
-    state = (tmp_path / "out" / "continual_state.pt").read_bytes()
+    state = (tmp_path / "out" / "continual_state.json").read_bytes()
     other = _trainer(tmp_path, "t5", "inclora")
     with pytest.raises(ValueError, match=r"does not start this run.*choose another output_dir"):
         other.train_continual(task_stream(3)[1:])
-    assert (tmp_path / "out" / "continual_state.pt").read_bytes() == state  # nothing overwritten
+    assert (tmp_path / "out" / "continual_state.json").read_bytes() == state  # nothing overwritten
 
 
 def test_single_task_baselines_train_every_task_from_the_base_model(tmp_path):
@@ -222,8 +224,11 @@ def test_single_task_baselines_train_every_task_from_the_base_model(tmp_path):
     before = {name: layer.get_base_layer().weight.detach().clone() for name, layer in iter_jumplora_layers(trainer.model)}
     report = trainer.train_continual(task_stream(2))
     assert report["single_task_baselines"] and len(report["single_task_accuracies"]) == 2
-    assert all(row[j] is None for row in trainer.accuracy_matrix for j in range(len(row)) if j != trainer.accuracy_matrix.index(row))
-    last_support = trainer.task_updates[-1].supports
+    matrix = trainer.record.accuracy_matrix
+    assert all(matrix[i][j] is None for i in range(2) for j in range(2) if j != i)
+    assert all(0.0 <= matrix[i][i] <= 1.0 for i in range(2))
+    assert report["single_task_accuracies"] == [matrix[0][0], matrix[1][1]]
+    last_support = trainer.record.updates[-1].supports
     for name, layer in iter_jumplora_layers(trainer.model):
         changed = (layer.get_base_layer().weight != before[name]).cpu().numpy()
         # only the last task's update is in the weights: the first task's was undone before the second began

@@ -6,7 +6,7 @@ import torch
 from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from jumplora_hf import ContinualTask
-from jumplora_hf.synthetic import keyword_task, keyword_task_stream
+from jumplora_hf.bench.synthetic import keyword_task, keyword_task_stream
 
 __all__ = ["TINY_MODELS", "keyword_task", "task_stream", "tiny_llama", "tiny_t5", "tokenizer"]
 

@@ -20,12 +20,13 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from . import metrics
+from .. import metrics
+from ..files import write_atomic
+from ..methods import display_name
+from ..state import METRICS_FILE
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "continual_metrics.json"  # the file ContinualSeq2SeqTrainer writes (trainer.METRICS_FILE)
-METHOD_NAMES = {"inclora": "IncLoRA", "ella": "ELLA", "jumplora_inclora": "JumpLoRA + IncLoRA", "jumplora_ella": "JumpLoRA + ELLA"}
 
 _LAYER_DEPTH = re.compile(r"(?:^|\.)(?:(encoder|decoder)\.)?(?:block|layers)\.(\d+)\.")
 _CROSS_ATTENTION = ("EncDecAttention", "encoder_attn", "crossattention")
@@ -101,19 +102,6 @@ def parse_layer_name(name: str) -> tuple[str, int, str] | None:
     return match.group(1) or "", int(match.group(2)), module
 
 
-def write_atomic(path: str, data: str | bytes) -> str:
-    """Write via a temporary file and os.replace, so a reader never sees a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    if isinstance(data, bytes):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    else:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(data)
-    os.replace(tmp, path)
-    return path
-
-
 def format_number(value: float | None) -> str:
     """At most 6 decimals, without trailing zeros; an empty cell for a missing value."""
     if value is None or math.isnan(value):
@@ -185,7 +173,7 @@ def _save_png(fig, path: str) -> str:
 
 
 def _title(report: Mapping, what: str) -> str:
-    return f"{METHOD_NAMES.get(report.get('method'), report.get('method') or 'run')}: {what}"
+    return f"{display_name(report.get('method'))}: {what}"
 
 
 def _percent(value: float | None) -> float:

@@ -15,7 +15,7 @@ import os
 import random
 from collections.abc import Sequence
 
-from .data import ContinualTask
+from ..data import ContinualTask
 
 SPLITS = ("train", "dev", "test")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from .data import ContinualTask
+from ..data import ContinualTask
 
 FILLER = "the a of on in at by to we you they see saw put got with from near over under".split()
 # (options, trigger words): the label is the option whose trigger appears in the sentence

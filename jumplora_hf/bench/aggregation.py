@@ -13,9 +13,11 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .reports import METHOD_NAMES, METRICS_FILE, csv_text, format_number, is_finished, load_report, run_summary
+from ..methods import METHODS, display_name
+from ..state import METRICS_FILE
+from .reports import csv_text, format_number, is_finished, load_report, run_summary
 
-METHOD_ORDER = ("inclora", "ella", "jumplora_inclora", "jumplora_ella")
+METHOD_ORDER = tuple(METHODS)  # the registry's order: IncLoRA, ELLA, JumpLoRA + IncLoRA, JumpLoRA + ELLA
 # OA (%) of the paper's Table 1 (mean over seeds 42-44), for `format_table(..., paper=PAPER_OA)`.
 PAPER_OA = {
     "inclora": {"order1": 59.25, "order2": 58.69, "order3": 69.86, "order4": 56.83, "order5": 56.40, "order6": 54.32},
@@ -229,7 +231,7 @@ def format_paired_differences(differences: Sequence[PairedDifference]) -> str:
     ]
     for d in differences:
         seeds = ", ".join(s.removeprefix("seed") for s in d.seeds)
-        comparison = f"{METHOD_NAMES.get(d.method, d.method)} − {METHOD_NAMES.get(d.baseline, d.baseline)}"
+        comparison = f"{display_name(d.method)} − {display_name(d.baseline)}"
         lines.append(f"| {d.order} | {comparison} | {seeds} | {_cell(d.overall_accuracy, len(d.seeds))} | {_cell(d.backward_transfer, len(d.seeds))} |")
     return "\n".join(lines) + "\n\nMean ± sample standard deviation (ddof=1) of the per-seed differences.\n"
 
@@ -301,12 +303,12 @@ def format_table(table: Sequence[GroupResult], fmt: str = "markdown", paper: Map
                 else:
                     group = cells.get((order, method))
                     row.append("" if group is None else _cell(getattr(group, attr), common_n))
-            lines.append(f"| {METHOD_NAMES.get(method, method)} | " + " | ".join(row) + " |")
+            lines.append(f"| {display_name(method)} | " + " | ".join(row) + " |")
         sections.append(f"### {title}\n\n" + "\n".join(lines))
     footer = "Mean ± sample standard deviation (ddof=1) over the runs (seeds) of each cell, in percent; "
     footer += "n runs per cell as shown." if common_n is None else f"n = {common_n} run(s) per cell unless shown."
     footer += " A value without ± is a single run; – is not available; an empty cell has no run."
-    notes = [f"- {g.order} / {METHOD_NAMES.get(g.method, g.method)}: {note}" for g in table for note in g.notes]
+    notes = [f"- {g.order} / {display_name(g.method)}: {note}" for g in table for note in g.notes]
     if notes:
         footer += "\n\nNotes:\n" + "\n".join(notes)
     return "\n\n".join(sections + [footer]) + "\n"

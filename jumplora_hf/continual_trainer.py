@@ -1,0 +1,309 @@
+"""`ContinualSeq2SeqTrainer`: a whole task sequence with one Trainer, one optimizer and one engine (Algorithm 1).
+
+The trainer finds the task boundaries (`TaskSequence`, lifecycle.py) and otherwise only overrides public Trainer
+hooks: the per-task batches and LR schedule, the sequence's step count, the ELLA term of the loss, the optimizer's
+τ group, the task fields of the logs, and generation for evaluation. What happens to the adapters at a boundary is
+lifecycle.py's; what is written to the run dir is state.py's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from datasets import concatenate_datasets
+from peft import PeftModel
+from torch.utils.data import DataLoader
+from transformers import Seq2SeqTrainer
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from ._compat import generation_kwargs, gradient_accumulation_steps, loss_is_scaled_for_ga, prepare_inputs
+from .callback import check_launch, separate_tau_group, tau_parameters
+from .config import JumpLoraConfig
+from .continual_config import ContinualSeq2SeqConfig
+from .data import ContinualDataCollator, ContinualTask, EncodedTask, encode_task
+from .ella import EllaRegularizer
+from .lifecycle import JumpLoRASchedule, TaskSequence, dispatch
+from .methods import get_method
+from .model import get_jumplora_model, save_merged_model
+from .sequence import TaskSpan, TaskBatchSampler, plan_task_spans, task_restarting_schedule
+from .state import ContinualRecord, RunDirectory, load_run_state, merged_state, restore_merged_state
+from .thresholds import tie_thresholds
+from .zero import gathered_adapters, register_adapted_weights_as_external
+
+logger = logging.getLogger(__name__)
+
+
+class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
+    """Trains a sequence of tasks with one Trainer, one Accelerator and one set of adapters (Algorithm 1).
+
+    `train_continual(tasks)` trains the unfinished tasks in one `train()` call. Per task: fresh adapters and an
+    empty optimizer state, the γ/τ schedule, the (sparse) merge, then every task seen so far is evaluated by
+    generation and the run dir gets the task's ledger file, the resume state and `continual_metrics.json`.
+    `hub_api` (optional) replaces huggingface_hub's `HfApi` for `push_to_hub` (tests inject a recorder).
+    """
+
+    def __init__(self, model, args: ContinualSeq2SeqConfig, processing_class, peft_config: JumpLoraConfig | None = None,
+                 hub_api=None, **kwargs):
+        if not isinstance(args, ContinualSeq2SeqConfig):
+            raise TypeError("args must be a ContinualSeq2SeqConfig")
+        if processing_class is None:
+            raise ValueError("pass the tokenizer as processing_class: tasks are tokenised and decoded with it")
+        if kwargs.get("optimizers", (None, None)) != (None, None):
+            raise ValueError("optimizers cannot be passed: every task starts a fresh optimizer state built from args")
+        if processing_class.pad_token_id is None:
+            processing_class.pad_token = processing_class.eos_token
+        model = self._wrap_with_adapters(model, args, peft_config)
+        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        kwargs.setdefault("data_collator", ContinualDataCollator(processing_class.pad_token_id, self.is_encoder_decoder))
+        method = get_method(args.method)
+        self.ella = None
+        if method.ella:
+            self.ella = EllaRegularizer(
+                args.ella_lambda, args.ella_delta_mode, args.ella_target_ratio, args.ella_auto_steps,
+                reduce_mean=lambda t: self.accelerator.reduce(t.to(self.args.device), "mean").cpu(),
+            )
+        listeners = ([JumpLoRASchedule()] if method.jump_gate else []) + ([self.ella] if self.ella else [])
+        kwargs["callbacks"] = [*listeners, *(kwargs.get("callbacks") or [])]
+        self.hub_api = hub_api
+        super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
+        if self.is_fsdp_enabled:
+            raise NotImplementedError(
+                "ContinualSeq2SeqTrainer does not support FSDP: launch with DDP (accelerate_configs/multi_gpu.yaml) "
+                "or DeepSpeed ZeRO (accelerate_configs/zero2.yaml, zero3.yaml)"
+            )
+        if is_deepspeed_zero3_enabled():
+            register_adapted_weights_as_external(self.model)
+        check_launch(self.args)
+        self.task_spans: list[TaskSpan] = []
+        self.task_sequence: TaskSequence | None = None
+        self.record: ContinualRecord | None = None
+
+    @staticmethod
+    def _wrap_with_adapters(model, args: ContinualSeq2SeqConfig, peft_config: JumpLoraConfig | None) -> PeftModel:
+        gate = get_method(args.method).jump_gate
+        if isinstance(model, PeftModel):
+            if peft_config is not None:
+                raise ValueError("model already has adapters; pass either a PeftModel or peft_config, not both")
+            config = model.peft_config.get("default")
+            if not isinstance(config, JumpLoraConfig) or config.use_jumprelu != gate:
+                raise ValueError(
+                    f"method {args.method!r} needs a JumpLoraConfig adapter named 'default' with use_jumprelu={gate}; "
+                    "pass the base model and peft_config instead"
+                )
+            tie_thresholds(model)
+            return model
+        config = (peft_config if peft_config is not None else JumpLoraConfig()).with_gate(gate, args.method)
+        return get_jumplora_model(model, config)
+
+    @property
+    def task_index(self) -> int:
+        """The index of the task being trained (or last trained)."""
+        if self.task_sequence is not None and self.task_sequence.current is not None:
+            return self.task_sequence.current.index
+        return max(len(self.record.tasks) - 1, 0) if self.record else 0
+
+    # ----------------------------------------------------------------- the task sequence
+    def train_continual(self, tasks: Sequence[ContinualTask], single_task_accuracies: Sequence[float] | None = None) -> dict:
+        """Run `tasks` in order; returns (and writes to `output_dir/continual_metrics.json`) the report.
+
+        The unfinished tasks are trained in one `train()` call: task k owns a contiguous range of optimizer steps
+        (`sequence.plan_task_spans`), so one optimizer, one LR scheduler object and one engine (DDP or DeepSpeed)
+        serve the whole sequence. A run dir that holds finished tasks of the same method and order is resumed.
+        """
+        encoded = self._validate_and_encode(tasks, single_task_accuracies)
+        names = [t.name for t in encoded]
+        saved = load_run_state(self.args.output_dir, self.args.method, names)
+        record = saved.record if saved else ContinualRecord(self.args.method, names, self.args.single_task_baselines)
+        record.single_task_accuracies = list(single_task_accuracies) if single_task_accuracies is not None else None
+        record.metric_names = [t.metric_name for t in encoded]
+        if saved:
+            with gathered_adapters(self.model, include_base=True, modifier_rank=0):
+                restore_merged_state(self.model, saved.tensors)
+            logger.info("resuming %s after %d finished task(s): %s", self.args.output_dir, len(record.tasks), record.tasks)
+        self.record = record
+        finished = len(record.tasks)
+        remaining = encoded[finished:]
+        if not remaining:
+            return record.report()
+        base_state = None
+        if self.args.single_task_baselines:
+            with gathered_adapters(self.model, include_base=True):
+                base_state = merged_state(self.model)
+        self.task_spans = plan_task_spans(
+            [len(t.train) for t in remaining], finished, self.args.per_device_train_batch_size, self.args.world_size,
+            self.args.gradient_accumulation_steps, self.args.num_train_epochs, self.args.max_steps, names=names[finished:],
+        )
+        self.train_dataset = concatenate_datasets([t.train for t in remaining])
+        self.optimizer, self.lr_scheduler = None, None
+
+        def evaluate_row(task: TaskSpan) -> list[float | None]:
+            seen = [task.index] if self.args.single_task_baselines else range(task.index + 1)
+            return [self.evaluate_generation(encoded[j]) if j in seen else None for j in range(task.index + 1)]
+
+        self.task_sequence = TaskSequence(
+            self.task_spans, self.args.seed, record, evaluate_row, lambda: self.callback_handler.callbacks,
+            accumulate_w_past=self.args.uses_ella,
+            prepare=(lambda model: restore_merged_state(model, base_state)) if base_state is not None else None,
+        )
+        fingerprints = {t.name: {"data_fingerprint": _fingerprint(t)} for t in encoded}
+        run_dir = RunDirectory(self.args.output_dir, fingerprints, write_ledger=self.args.ledger and not self.args.single_task_baselines,
+                               ledger=saved.ledger if saved else ())
+        for callback in list(self.callback_handler.callbacks):
+            if isinstance(callback, (TaskSequence, RunDirectory)):
+                self.remove_callback(callback)
+        # first in the list: a task has begun before any other callback's on_step_begin of its first step
+        self.callback_handler.callbacks.insert(0, self.task_sequence)
+        for callback in (run_dir, *self._hub_publisher()):
+            self.add_callback(callback)
+        self.train()
+        return record.report()
+
+    def _validate_and_encode(self, tasks, single_task_accuracies) -> list[EncodedTask]:
+        return encode_tasks(tasks, self.processing_class, self.is_encoder_decoder, self.args, single_task_accuracies)
+
+    def _hub_publisher(self) -> list:
+        if not self.args.push_to_hub:
+            return []
+        from .hub import HubPublisher
+
+        return [HubPublisher.from_trainer(self)]
+
+    def evaluate_generation(self, task: EncodedTask) -> float:
+        """The task's metric (exact match by default) on greedy generations for its eval prompts."""
+        output = self.predict(task.prompts, metric_key_prefix=f"eval_{task.name}", max_new_tokens=task.max_new_tokens)
+        # Seq2SeqTrainer.predict gathers without dropping the samples that accelerate repeats (from the start
+        # of the dataset) to even out the last batch across ranks: the first len(prompts) rows are the prompts.
+        predictions = output.predictions[: len(task.answers)]
+        tokens = np.where(predictions < 0, self.processing_class.pad_token_id, predictions)
+        return task.evaluate(self.processing_class.batch_decode(tokens, skip_special_tokens=True))
+
+    def continual_report(self) -> dict:
+        return self.record.report() if self.record else {}
+
+    def save_merged_model(self, output_dir: str) -> None:
+        """The base model with every finished task merged in, as a plain transformers checkpoint (+ tokenizer);
+        see `model.save_merged_model`. Call it on every process."""
+        save_merged_model(self, output_dir)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create the Hub repo through the run's publisher (its client is `hub_api`, or huggingface_hub's HfApi)."""
+        if not self.is_world_process_zero():
+            return
+        from .hub import HubPublisher
+
+        self.hub_model_id = HubPublisher.from_trainer(self).create_repo()
+        self.push_in_progress = None
+
+    # ----------------------------------------------------------------- Trainer hooks
+    def get_train_dataloader(self) -> DataLoader:
+        if not self.task_spans:
+            return super().get_train_dataloader()
+        sampler = TaskBatchSampler(
+            self.task_spans, self.args.per_device_train_batch_size, self.args.world_size,
+            self.args.gradient_accumulation_steps, self.args.seed,
+        )
+        loader = DataLoader(
+            self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)  # deals the batches out to the processes in turn
+
+    def set_initial_training_values(self, args, dataloader):
+        """The run's step count is the task spans' total (`max_steps` and `num_train_epochs` are per task)."""
+        values = list(super().set_initial_training_values(args, dataloader))
+        if self.task_spans:
+            steps = self.task_spans[-1].end_step
+            values[0], values[1], values[6] = 1, steps, steps  # epochs, update steps per epoch, max steps
+            values[3] = steps * values[4]  # training samples = steps × total batch size
+        return tuple(values)
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with log τ in its own group: lr × tau_lr_multiplier, no weight decay."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh:
+            separate_tau_group(optimizer, tau_parameters(model or self.model), self.args.learning_rate * self.args.tau_lr_multiplier)
+        return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None and self.task_spans:
+            self.lr_scheduler = task_restarting_schedule(
+                self.optimizer if optimizer is None else optimizer, self.task_spans, self.args.lr_scheduler_type,
+                self.args.get_warmup_steps, self.args.lr_scheduler_kwargs,
+            )
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs)
+        if self.ella is None or not model.training:
+            return result
+        loss = result[0] if return_outputs else result
+        term = self.ella.loss_term(self.model, loss, gradient_accumulation_steps(self), loss_is_scaled_for_ga(self, num_items_in_batch))
+        if term is None:
+            return result
+        return (loss + term, result[1]) if return_outputs else loss + term
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        task = self.task_sequence.current if self.task_sequence is not None else None
+        if "loss" not in logs or task is None:
+            return super().log(logs, *args, **kwargs)
+        step = self.state.global_step - task.first_step
+        logs["task"], logs["task_step"] = task.index, step
+        dispatch(self.callback_handler.callbacks, "on_task_log", self.args, self.state, self.control, task=task, logs=logs, model=self.model)
+        run_epoch = self.state.epoch  # the logged epoch is the task's own (each task is its own run of epochs)
+        self.state.epoch = round(step / max(task.steps_per_epoch, 1), 4)
+        try:
+            super().log(logs, *args, **kwargs)
+        finally:
+            self.state.epoch = run_epoch
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        # weight decay would pull log τ towards 0, i.e. τ towards 1, whatever the task needs
+        return [name for name in super().get_decay_parameter_names(model) if "lora_log_tau" not in name]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        if "labels" in inputs or prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+        inputs = prepare_inputs(self, inputs)
+        kwargs = {**generation_kwargs(self), **gen_kwargs}
+        kwargs.pop("max_length", None)
+        kwargs.update(
+            do_sample=False, num_beams=1, pad_token_id=self.processing_class.pad_token_id,
+            eos_token_id=self.processing_class.eos_token_id, synced_gpus=is_deepspeed_zero3_enabled(),
+        )
+        with torch.no_grad():
+            generated = self.model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs)
+        if not self.is_encoder_decoder:
+            generated = generated[:, inputs["input_ids"].shape[1] :]  # the continuation after the prompt
+        return None, generated, None
+
+
+def encode_tasks(tasks: Sequence[ContinualTask], tokenizer, is_encoder_decoder: bool, args: ContinualSeq2SeqConfig,
+                 single_task_accuracies: Sequence[float] | None = None) -> list[EncodedTask]:
+    """Check a task list against `args` and tokenise it: every error a run would meet in its data is raised here,
+    before any training (the recipes call it before the Trainer exists)."""
+    if not tasks:
+        raise ValueError("tasks is empty; pass at least one ContinualTask")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}")
+    lambdas = args.ella_lambda
+    if args.uses_ella and lambdas != "auto" and len(lambdas) not in (1, len(tasks)):
+        raise ValueError(f"ella_lambda has {len(lambdas)} values for {len(tasks)} tasks; give one value or one per task")
+    if single_task_accuracies is not None and len(single_task_accuracies) != len(tasks):
+        raise ValueError(f"{len(single_task_accuracies)} single-task accuracies for {len(tasks)} tasks")
+    return [encode_task(t, tokenizer, is_encoder_decoder, args.max_source_length, args.max_target_length) for t in tasks]
+
+
+def _fingerprint(task: EncodedTask) -> str:
+    """SHA-256 of a task's tokenised training examples: identifies the data a ledger entry was trained on."""
+    digest = hashlib.sha256()
+    for row in task.train:
+        digest.update(json.dumps([row["input_ids"], row["labels"]]).encode())
+    return digest.hexdigest()
+
