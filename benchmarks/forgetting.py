@@ -8,6 +8,9 @@ can run. Runs resume from their last finished task, so a worker can be stopped a
     python benchmarks/forgetting.py list                     # the runs, in priority order, with their state
     nohup python benchmarks/forgetting.py work > runs/forgetting/worker1.log 2>&1 &
     nohup nice -n 19 python benchmarks/forgetting.py work > runs/forgetting/worker2.log 2>&1 &   # a second, low priority
+    python benchmarks/forgetting.py work --plan dev          # the dev study of τ's learning rate and auto-λ
+
+The dev plan's "grid λ" arm reads the λ grid's runs from GRID_ROOT (default: runs/forgetting of this checkout).
 
 Needs the converted model (make demo writes models/SmolLM2-135M-Instruct) and ../shared/cl_benchmark.
 """
@@ -62,8 +65,28 @@ class Run:
         return 4  # orders 1-3 of Standard CL
 
 
-def plan() -> list[Run]:
+TAU_LR_MULTIPLIERS = ("1", "10", "100")
+SEEDS_DEV = (42, 43)
+
+
+def dev_plan() -> list[Run]:
+    """The dev study (part 2 of the protocol): τ's learning-rate multiplier, auto-λ against the grid's λ."""
+    runs = []
+    for multiplier in TAU_LR_MULTIPLIERS:
+        for seed in SEEDS_DEV:
+            runs.append(Run(f"dev_taulr{multiplier}/order1/jumplora_inclora/seed{seed}", "order1", "jumplora_inclora", seed,
+                            split="dev", flags=["--tau_lr_multiplier", multiplier]))
+    for arm, lam in (("auto", "auto"), ("gridlambda", "best")):
+        for seed in SEEDS_DEV:
+            for method in ("ella", "jumplora_ella"):
+                runs.append(Run(f"dev_{arm}/order1/{method}/seed{seed}", "order1", method, seed, split="dev", ella_lambda=lam))
+    return runs
+
+
+def plan(name: str = "main") -> list[Run]:
     """All runs, in the order a worker takes them (the main comparison first, paired by seed)."""
+    if name == "dev":
+        return dev_plan()
     runs = []
     for seed in SEEDS_MAIN:
         for method in ("inclora", "jumplora_inclora"):
@@ -81,16 +104,16 @@ def plan() -> list[Run]:
     return runs
 
 
-def _report(run: Run) -> dict | None:
-    path = os.path.join(ROOT, run.output_dir, "continual_metrics.json")
+def _report(run: Run, root: str | None = None) -> dict | None:
+    path = os.path.join(root or ROOT, run.output_dir, "continual_metrics.json")
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
-def is_finished(run: Run) -> bool:
-    report = _report(run)
+def is_finished(run: Run, root: str | None = None) -> bool:
+    report = _report(run, root)
     if report is None:
         return False
     if run.single_task:
@@ -101,10 +124,11 @@ def is_finished(run: Run) -> bool:
 
 def best_lambda() -> str | None:
     """The grid's λ with the best dev OA (ties: the smaller λ); None until every grid run has finished."""
+    grid_root = os.environ.get("GRID_ROOT", ROOT)
     grid = [r for r in plan() if r.name.startswith("dev_lambda")]
-    if not all(is_finished(r) for r in grid):
+    if not all(is_finished(r, grid_root) for r in grid):
         return None
-    scores = {r.ella_lambda: _report(r)["overall_accuracy"] for r in grid}
+    scores = {r.ella_lambda: _report(r, grid_root)["overall_accuracy"] for r in grid}
     return max(LAMBDA_GRID, key=lambda lam: (scores[lam], -float(lam)))
 
 
@@ -120,7 +144,10 @@ def command(run: Run) -> list[str] | None:
         lam = best_lambda() if run.ella_lambda == "best" else run.ella_lambda
         if lam is None:
             return None
-        flags += ["--ella_lambda", "0", *([lam] * (run.n_tasks() - 1))]  # no W_past during the first task
+        if lam == "auto":
+            flags += ["--ella_lambda", "auto"]
+        else:
+            flags += ["--ella_lambda", "0", *([lam] * (run.n_tasks() - 1))]  # no W_past during the first task
     return [sys.executable, os.path.join("recipes", "sc.py"), *flags]
 
 
@@ -153,12 +180,12 @@ def _try_lock(run: Run):
     return handle
 
 
-def work() -> None:
+def work(plan_name: str = "main") -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
     while True:
         waiting = False
-        for run in plan():
+        for run in plan(plan_name):
             if is_finished(run):
                 continue
             argv = command(run)
@@ -188,8 +215,8 @@ def work() -> None:
             time.sleep(60)
 
 
-def list_runs() -> None:
-    for run in plan():
+def list_runs(plan_name: str = "main") -> None:
+    for run in plan(plan_name):
         state = "finished" if is_finished(run) else ("started" if _report(run) else "-")
         lam = f" λ={best_lambda() or 'after the grid'}" if run.ella_lambda == "best" else ""
         print(f"{state:9} {run.name}{lam}")
@@ -198,9 +225,10 @@ def list_runs() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["list", "work"])
+    parser.add_argument("--plan", choices=["main", "dev"], default="main")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
-    work() if args.action == "work" else list_runs()
+    work(args.plan) if args.action == "work" else list_runs(args.plan)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ class ContinualSeq2SeqConfig(Seq2SeqTrainingArguments):
     )
     ella_auto_steps: int | None = field(
         default=None,
-        metadata={"help": "With ella_lambda='auto': the steps λ is measured over (default: the steps before S_start)."},
+        metadata={"help": "With ella_lambda='auto': the steps λ is measured over (default: the steps before S_start, at least 2)."},
     )
     ella_delta_mode: str = field(
         default="sparse",

@@ -59,7 +59,7 @@ class EllaRegularizer(ContinualCallback):
     """The ELLA term of each task's loss: λ_t·(mean over adapted layers of ‖ΔW_x ⊙ W_past‖²_F).
 
     `lambdas` holds λ per task (one value for all, or one per task), or is "auto": then each task's λ is set from
-    its first `auto_steps` optimizer steps (default: the steps before S_start, at least one), during which the term
+    its first `auto_steps` optimizer steps (default: the steps before S_start, at least two), during which the term
     is only measured, as λ_t = target_ratio · mean(cross-entropy) / mean(‖ΔW_x ⊙ W_past‖²) over those steps and
     all processes (`reduce_mean`), and then kept for the rest of the task: a term of about `target_ratio` times the
     cross-entropy, the scale ELLA's authors chose λ by. The first task has no W_past, so no term.
@@ -89,7 +89,7 @@ class EllaRegularizer(ContinualCallback):
             self.lam, self.measuring = 0.0, task.index > 0
             config = getattr(model, "peft_config", {}).get("default")
             start = round(getattr(config, "s_start", 0.2) * task.num_steps)
-            self._measure_window = self.auto_steps or max(1, start)
+            self._measure_window = self.auto_steps or max(2, start)  # at its first step B = 0: no term yet
         else:
             self.lam, self.measuring = self.lambda_for_task(task.index), False
         self.task_lambdas[task.index] = self.lam
@@ -102,9 +102,11 @@ class EllaRegularizer(ContinualCallback):
             self.measuring = False
             self.task_lambdas[task.index] = self.lam
 
-    def on_task_end(self, args, state, control, model=None, **kwargs):
+    def on_task_end(self, args, state, control, task=None, model=None, record=None, **kwargs):
         record_ella_terms(model, None)
         self.measuring = False
+        if record is not None and task is not None:
+            record.note(task.index, ella_lambda=self.task_lambdas.get(task.index, self.lam))
 
     def loss_term(self, model: torch.nn.Module, loss: torch.Tensor, accumulation_steps: int, scaled_for_ga: bool) -> torch.Tensor | None:
         """λ·penalty for the loss of one micro-batch (counted once per optimizer step); None when there is none.

@@ -88,7 +88,8 @@ class ContinualCallback(TrainerCallback):
       (`step` is the step within the task);
     - `on_task_log`: `logs`, the dict about to be logged (add scalars to it; they reach `log_history` and every
       `report_to` backend);
-    - `on_task_end`: `update`, the `MergedTaskUpdate` just merged into the base weights;
+    - `on_task_end`: `update`, the `MergedTaskUpdate` just merged into the base weights, and `record` (add what
+      the report should say about the task with `record.note(task.index, key=value)`);
     - `on_task_evaluated`: `row` (the accuracies after this task) and `record` (the `ContinualRecord` so far).
     """
 
@@ -263,7 +264,7 @@ class TaskSequence(TrainerCallback):
         with writing_adapters(model, include_base=True):
             update = end_task(model, self.accumulate_w_past, record_layers=True)
         self.record.add_task(task.name, update)
-        dispatch(self.callbacks(), "on_task_end", args, state, control, task=task, update=update, model=model)
+        dispatch(self.callbacks(), "on_task_end", args, state, control, task=task, update=update, record=self.record, model=model)
         row = self.evaluate(task)
         self.record.add_row(task.index, row)
         dispatch(self.callbacks(), "on_task_evaluated", args, state, control, task=task, row=row, record=self.record, model=model)

@@ -47,6 +47,10 @@ class ContinualRecord:
     tasks: list[str] = field(default_factory=list)  # the finished ones
     accuracy_matrix: list[list[float | None]] = field(default_factory=list)
     updates: list[MergedTaskUpdate] = field(default_factory=list)
+    notes: dict[int, dict] = field(default_factory=dict)  # per task index: what listeners added to its report entry
+
+    def note(self, index: int, **values) -> None:
+        self.notes.setdefault(index, {}).update(values)
 
     def has_finished(self, index: int) -> bool:
         return index < len(self.tasks)
@@ -71,6 +75,7 @@ class ContinualRecord:
                 entry["jaccard_with_previous"] = {"mean": _mean(overlap), "per_layer": overlap} if overlap else None
             if update.taus:
                 entry["tau"] = dict(update.taus)
+            entry.update(self.notes.get(index, {}))
             per_task.append(entry)
         base = {"method": self.method, "tasks": self.tasks, "metrics": self.metric_names[: len(self.tasks)]}
         if self.single_task_baselines:
@@ -176,6 +181,7 @@ def load_run_state(output_dir: str, method: str, sequence: Sequence[str]) -> Sav
         method=method, sequence=list(sequence), single_task_baselines=saved.get("single_task_baselines", False),
         metric_names=list(saved.get("metrics", [])), tasks=list(done),
         accuracy_matrix=[row[: len(sequence)] + [None] * (len(sequence) - len(row)) for row in saved["accuracy_matrix"]],
+        notes={int(k): v for k, v in saved.get("notes", {}).items()},
     )
     for index in range(len(done)):
         prefix = f"support/{index}/"
@@ -247,6 +253,7 @@ def write_state(output_dir: str, record: ContinualRecord, tensors: dict[str, tor
         "accuracy_matrix": record.accuracy_matrix,
         "numels": numels,
         "taus": [u.taus for u in record.updates],
+        "notes": {str(k): v for k, v in record.notes.items()},
         "tensors": {"file": tensor_file, "sha256": sha256_file(os.path.join(output_dir, tensor_file))},
         "ledger": sorted(ledger, key=lambda e: e["index"]),
     })

@@ -59,7 +59,7 @@ def main():
     parser.add_argument("--threshold_mode", default="per_block")
     parser.add_argument("--optim", default="sgd", help="sgd: updates linear in the gradient, so backends agree closely")
     parser.add_argument("--zero_stage", type=int, default=0, help="2 or 3: DeepSpeed ZeRO from the arguments (no config file)")
-    parser.add_argument("--tau_lr_multiplier", type=float, default=2.0)
+    parser.add_argument("--tau_lr_multiplier", type=float, default=1.0)
     cli = parser.parse_args()
     args = ContinualSeq2SeqConfig(
         output_dir=cli.out, method=cli.method, ella_lambda=[0.0, 100.0, 100.0] if "ella" in cli.method else None,

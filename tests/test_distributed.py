@@ -89,9 +89,8 @@ def test_two_processes_match_one_process(tmp_path, single_process, extensions_di
     assert all(s > 0.2 for s in sparsity) if method.startswith("jumplora") else all(s < 0.01 for s in sparsity)
     assert multi["task_start_max_abs_b"] == single["task_start_max_abs_b"] == [0.0, 0.0, 0.0]  # every task starts at ΔW = 0
     assert multi["task_start_optimizer_states"] == [0, 0, 0]
-    if method.startswith("jumplora"):  # log τ's own parameter group, at learning_rate × tau_lr_multiplier (2)
-        assert multi["group_lrs"][-1] == single["group_lrs"][-1] == 2 * multi["learning_rate"]
-        assert multi["group_lrs"][0] == multi["learning_rate"]
+    if method.startswith("jumplora"):  # log τ in its own parameter group of the DDP / ZeRO optimizer
+        assert len(multi["group_lrs"]) == len(single["group_lrs"]) >= 2
 
     # the final merged model is a plain transformers checkpoint (16-bit gathered under ZeRO-3)
     merged = T5ForConditionalGeneration.from_pretrained(tmp_path / "merged").state_dict()
@@ -102,11 +101,15 @@ def test_two_processes_match_one_process(tmp_path, single_process, extensions_di
     assert sorted(os.listdir(tmp_path / "ledger")) == ["task-01-task0.safetensors", "task-02-task1.safetensors", "task-03-task2.safetensors"]
 
 
-def test_zero3_restarts_adam_state_at_every_task(tmp_path, extensions_dir):
+@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+def test_adam_state_restarts_at_every_task_and_tau_gets_its_learning_rate(tmp_path, extensions_dir, backend):
     # Adam amplifies float-rounding differences, so the backends are not compared weight by weight here (measured:
-    # 1.5e-2 apart after 12 steps); what matters is that every task starts with an empty optimizer state and
-    # that the Adam step counts at the end are those of the last task alone, not of the whole sequence
-    result = _run(tmp_path, "jumplora_ella", extensions_dir, "zero3", optim="adamw_torch")
+    # 1.5e-2 apart after 12 steps); what matters is that every task starts with an empty optimizer state, that
+    # the Adam step counts at the end are those of the last task alone, not of the whole sequence, and that log τ
+    # trains at learning_rate × tau_lr_multiplier inside the DDP / ZeRO optimizer
+    result = _run(tmp_path, "jumplora_ella", extensions_dir, backend, optim="adamw_torch", extra=["--tau_lr_multiplier", "10"])
     assert result["task_start_optimizer_states"] == [0, 0, 0]
     assert result["optimizer_step_counts"] and max(result["optimizer_step_counts"]) == result["last_task_steps"] == 4
     assert result["task_start_max_abs_b"] == [0.0, 0.0, 0.0]
+    assert result["group_lrs"][-1] == pytest.approx(10 * result["learning_rate"])
+    assert all(lr == pytest.approx(result["learning_rate"]) for lr in result["group_lrs"][:-1])

@@ -74,3 +74,38 @@ def test_plain_lora_penalty_uses_dense_delta():
     layers = [layer for _, layer in iter_jumplora_layers(model)]
     expected = sum(((l.lora_B["default"].weight @ l.lora_A["default"].weight) * l.ella_w_past).pow(2).sum() for l in layers) / len(layers)
     assert torch.allclose(ella_penalty(model), expected)
+
+
+def test_auto_lambda_is_measured_per_task_and_reported(tmp_path):
+    from tiny import task_stream, tiny_t5, tokenizer
+
+    from jumplora_hf import ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer
+
+    args = ContinualSeq2SeqConfig(
+        output_dir=str(tmp_path), method="jumplora_ella", ella_lambda="auto", ella_target_ratio=0.5,
+        per_device_train_batch_size=4, num_train_epochs=1, learning_rate=1e-2, logging_steps=1, report_to="none",
+        use_cpu=True, disable_tqdm=True, seed=7,
+    )
+    trainer = ContinualSeq2SeqTrainer(tiny_t5(), args, tokenizer(), peft_config=JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"]))
+    report = trainer.train_continual(task_stream(3))
+    lambdas = [task["ella_lambda"] for task in report["per_task"]]
+    assert lambdas[0] == 0.0 and all(lam > 0 for lam in lambdas[1:])  # no W_past in the first task
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    for index in (1, 2):
+        task_logs = [h for h in logs if h["task"] == index]
+        # measured over 2 steps (the steps before S_start, round(0.2 · 4) = 1, at least 2) with λ = 0, then fixed
+        assert [h["ella/lambda"] for h in task_logs[:2]] == [0.0, 0.0] and task_logs[1]["loss_ella"] == 0.0
+        assert {h["ella/lambda"] for h in task_logs[2:]} == {lambdas[index]}
+        # the term is then of the order of target_ratio × the cross-entropy of the measured steps (it keeps growing
+        # with ΔW after the window, so larger)
+        ratio = task_logs[2]["loss_ella"] / task_logs[1]["loss_ce"]
+        assert 0.05 < ratio < 20.0, ratio
+
+
+def test_lambda_values_are_parsed_and_checked():
+    from jumplora_hf import ContinualSeq2SeqConfig
+
+    assert ContinualSeq2SeqConfig(output_dir="o", method="ella", ella_lambda=["0", "3e4"]).ella_lambda == [0.0, 3e4]
+    assert ContinualSeq2SeqConfig(output_dir="o", method="ella", ella_lambda=["AUTO"]).ella_lambda == "auto"
+    with pytest.raises(ValueError, match="numbers or 'auto'"):
+        ContinualSeq2SeqConfig(output_dir="o", method="ella", ella_lambda=["big"])
