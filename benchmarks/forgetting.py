@@ -37,12 +37,45 @@ SEEDS_3 = (42, 43, 44)
 LAMBDA_GRID = ("3e4", "3e5", "3e6")
 # The protocol's fixed settings (docs/RESULTS.md, "Protocol").
 COMMON = [
-    "--model_name_or_path", "models/SmolLM2-135M-Instruct", "--data_dir", os.path.join("..", "shared", "cl_benchmark"),
-    "--max_train_examples", "256", "--max_eval_examples", "128", "--per_device_train_batch_size", "8",
-    "--per_device_eval_batch_size", "16", "--max_source_length", "128",
-    "--jumplora_target_modules", "q_proj", "v_proj", "--jumplora_r", "8", "--jumplora_alpha", "32", "--learning_rate",
-    "3e-3", "--lr_scheduler_type", "constant", "--jumplora_s_start", "0.2", "--jumplora_s_final", "0.8", "--use_cpu", "true", "--logging_steps", "2", "--disable_tqdm", "true",
-    "--report_to", "none", "--save_merged", "false",
+    "--model_name_or_path",
+    "models/SmolLM2-135M-Instruct",
+    "--data_dir",
+    os.path.join("..", "shared", "cl_benchmark"),
+    "--max_train_examples",
+    "256",
+    "--max_eval_examples",
+    "128",
+    "--per_device_train_batch_size",
+    "8",
+    "--per_device_eval_batch_size",
+    "16",
+    "--max_source_length",
+    "128",
+    "--jumplora_target_modules",
+    "q_proj",
+    "v_proj",
+    "--jumplora_r",
+    "8",
+    "--jumplora_alpha",
+    "32",
+    "--learning_rate",
+    "3e-3",
+    "--lr_scheduler_type",
+    "constant",
+    "--jumplora_s_start",
+    "0.2",
+    "--jumplora_s_final",
+    "0.8",
+    "--use_cpu",
+    "true",
+    "--logging_steps",
+    "2",
+    "--disable_tqdm",
+    "true",
+    "--report_to",
+    "none",
+    "--save_merged",
+    "false",
 ]
 
 
@@ -74,12 +107,22 @@ def dev_plan() -> list[Run]:
     runs = []
     for multiplier in TAU_LR_MULTIPLIERS:
         for seed in SEEDS_DEV:
-            runs.append(Run(f"dev_taulr{multiplier}/order1/jumplora_inclora/seed{seed}", "order1", "jumplora_inclora", seed,
-                            split="dev", flags=["--tau_lr_multiplier", multiplier]))
+            runs.append(
+                Run(
+                    f"dev_taulr{multiplier}/order1/jumplora_inclora/seed{seed}",
+                    "order1",
+                    "jumplora_inclora",
+                    seed,
+                    split="dev",
+                    flags=["--tau_lr_multiplier", multiplier],
+                )
+            )
     for arm, lam in (("auto", "auto"), ("gridlambda", "best")):
         for seed in SEEDS_DEV:
             for method in ("ella", "jumplora_ella"):
-                runs.append(Run(f"dev_{arm}/order1/{method}/seed{seed}", "order1", method, seed, split="dev", ella_lambda=lam))
+                runs.append(
+                    Run(f"dev_{arm}/order1/{method}/seed{seed}", "order1", method, seed, split="dev", ella_lambda=lam)
+                )
     return runs
 
 
@@ -153,7 +196,9 @@ def command(run: Run) -> list[str] | None:
 
 def _commit() -> str:
     done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+    )
     return done.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
@@ -181,8 +226,15 @@ def _try_lock(run: Run):
 
 
 def work(plan_name: str = "main") -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": ROOT,
+    }
     while True:
         waiting = False
         for run in plan(plan_name):

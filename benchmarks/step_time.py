@@ -43,8 +43,15 @@ SHAPES = {
     # T5-large: d_model 1024, 24+24 layers, d_ff 4096, 16 heads
     "t5-large": dict(kind="t5", d_model=1024, d_ff=4096, num_heads=16, d_kv=64, layers=24, vocab_size=32128),
     # SmolLM2-135M: hidden 576, 30 layers, 9 heads / 3 kv heads, intermediate 1536, vocab 49152
-    "smollm2-135m": dict(kind="llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
-                         num_key_value_heads=3, layers=30, vocab_size=49152),
+    "smollm2-135m": dict(
+        kind="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        layers=30,
+        vocab_size=49152,
+    ),
 }
 TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
 VARIANTS = ("lora", "jump_reference", "jump_fused")
@@ -61,12 +68,27 @@ def build_base(name: str, layers: int | None, dtype: torch.dtype) -> torch.nn.Mo
     n_layers = layers or full_depth
     torch.manual_seed(0)
     if kind == "t5":
-        config = T5Config(**shape, num_layers=n_layers, num_decoder_layers=n_layers, dropout_rate=0.0,
-                          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        config = T5Config(
+            **shape,
+            num_layers=n_layers,
+            num_decoder_layers=n_layers,
+            dropout_rate=0.0,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
         model = T5ForConditionalGeneration(config)
     else:
-        config = LlamaConfig(**shape, num_hidden_layers=n_layers, max_position_embeddings=4096, pad_token_id=0,
-                             bos_token_id=None, eos_token_id=1, tie_word_embeddings=True, attention_dropout=0.0)
+        config = LlamaConfig(
+            **shape,
+            num_hidden_layers=n_layers,
+            max_position_embeddings=4096,
+            pad_token_id=0,
+            bos_token_id=None,
+            eos_token_id=1,
+            tie_word_embeddings=True,
+            attention_dropout=0.0,
+        )
         model = LlamaForCausalLM(config)
     return model.to(dtype)
 
@@ -213,19 +235,23 @@ def benchmark(name: str, args) -> dict[str, Result]:
     shape = {k: v for k, v in SHAPES[name].items() if k not in ("kind", "layers")}
     tokens = f"batch {batch_size} × {seq_len} tokens" + (f" (decoder {target_len})" if kind == "t5" else "")
     depth = f"{layers}+{layers}" if kind == "t5" else str(layers)
-    print(f"\n== {name}-shaped ({kind}, {depth} layers of {SHAPES[name]['layers']}, {shape}), {args.dtype}, "
-          f"{args.device}, {tokens}, targets {TARGETS[kind]}, r {args.r}, alpha {args.alpha}, "
-          f"γ = 0.5 for JumpLoRA, {warmup} warm-up + {steps} timed steps, threads {torch.get_num_threads()}")
+    print(
+        f"\n== {name}-shaped ({kind}, {depth} layers of {SHAPES[name]['layers']}, {shape}), {args.dtype}, "
+        f"{args.device}, {tokens}, targets {TARGETS[kind]}, r {args.r}, alpha {args.alpha}, "
+        f"γ = 0.5 for JumpLoRA, {warmup} warm-up + {steps} timed steps, threads {torch.get_num_threads()}"
+    )
     sys.stdout.flush()
     batch = make_batch(kind, batch_size, seq_len, target_len, shape["vocab_size"], args.device)
     models = {v: wrap(base, v, kind, args.r, args.alpha, args.device) for v in args.variants}
     del base
-    optimizers = {v: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for v, m in models.items()}
+    optimizers = {
+        v: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for v, m in models.items()
+    }
     results = {v: Result(times=[], cpu_times=[]) for v in models}
 
     order = list(models)
     for step in range(warmup + steps):
-        for variant in order[step % len(order):] + order[: step % len(order)]:
+        for variant in order[step % len(order) :] + order[: step % len(order)]:
             sync(args.device)
             start, start_cpu = time.perf_counter(), time.process_time()
             train_step(models[variant], optimizers[variant], batch)
@@ -276,12 +302,23 @@ def print_table(name: str, results: dict[str, Result], cuda: bool) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", default=None, choices=sorted(SHAPES),
-                        help="model shapes to run (default: t5-base smollm2-135m on CPU, t5-large on CUDA)")
-    parser.add_argument("--layers", type=int, default=None,
-                        help="transformer layers (T5: per stack). CPU default: 6 for t5-base, 10 for smollm2-135m; "
-                             "CUDA default: the full depth")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        default=None,
+        choices=sorted(SHAPES),
+        help="model shapes to run (default: t5-base smollm2-135m on CPU, t5-large on CUDA)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="transformer layers (T5: per stack). CPU default: 6 for t5-base, 10 for smollm2-135m; "
+        "CUDA default: the full depth",
+    )
     parser.add_argument("--batch", type=int, default=None, help="sequences per batch (CPU 8, CUDA 32)")
     parser.add_argument("--seq-len", type=int, default=None, help="input tokens per sequence (CPU 128, CUDA 512)")
     parser.add_argument("--target-len", type=int, default=None, help="T5 decoder tokens per sequence (32)")

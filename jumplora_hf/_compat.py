@@ -63,7 +63,8 @@ def check_versions() -> list[str]:
     if outside:
         warnings.warn(
             "jumplora_hf relies on internals of these packages, and their installed versions are untested: "
-            + "; ".join(outside) + ". Install the ranges of pyproject.toml if anything fails.",
+            + "; ".join(outside)
+            + ". Install the ranges of pyproject.toml if anything fails.",
             stacklevel=2,
         )
     return outside
@@ -91,7 +92,9 @@ def loss_is_scaled_for_ga(trainer, num_items_in_batch) -> bool:
     divide by the accumulation steps); the rule of `Trainer.training_step`."""
     if trainer.loss_is_scaled_for_ga is not None:
         return trainer.loss_is_scaled_for_ga
-    return (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or trainer.compute_loss_func is not None
+    return (
+        trainer.model_accepts_loss_kwargs and num_items_in_batch is not None
+    ) or trainer.compute_loss_func is not None
 
 
 def gradient_accumulation_steps(trainer) -> int:

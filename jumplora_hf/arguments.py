@@ -37,12 +37,21 @@ class JumpLoraArguments:
     )
     jumplora_threshold_mode: str = field(
         default="global",
-        metadata={"help": "How τ is shared: global, per_block (the paper's local) or per_module.", "choices": list(THRESHOLD_MODES)},
+        metadata={
+            "help": "How τ is shared: global, per_block (the paper's local) or per_module.",
+            "choices": list(THRESHOLD_MODES),
+        },
     )
-    jumplora_s_start: float = field(default=0.2, metadata={"help": "S_start: fraction of a task's steps where τ is set and γ starts."})
-    jumplora_s_final: float = field(default=0.8, metadata={"help": "S_final: fraction of a task's steps where γ reaches 1."})
+    jumplora_s_start: float = field(
+        default=0.2, metadata={"help": "S_start: fraction of a task's steps where τ is set and γ starts."}
+    )
+    jumplora_s_final: float = field(
+        default=0.8, metadata={"help": "S_final: fraction of a task's steps where γ reaches 1."}
+    )
     jumplora_bandwidth: float = field(default=0.001, metadata={"help": "ε, the bandwidth of the τ pseudo-derivative."})
-    jumplora_fused: bool = field(default=True, metadata={"help": "The fused JumpLoRA linear while the gate is on (one GEMM)."})
+    jumplora_fused: bool = field(
+        default=True, metadata={"help": "The fused JumpLoRA linear while the gate is on (one GEMM)."}
+    )
 
     def __post_init__(self):
         if self.jumplora_method is not None:
@@ -54,7 +63,14 @@ class JumpLoraArguments:
 
         gate = None if self.jumplora_method is None else get_method(self.jumplora_method).jump_gate
         return JumpLoraConfig(
-            r=self.jumplora_r, lora_alpha=self.jumplora_alpha, target_modules=self.jumplora_target_modules,
-            threshold_mode=self.jumplora_threshold_mode, s_start=self.jumplora_s_start, s_final=self.jumplora_s_final,
-            jump_bandwidth=self.jumplora_bandwidth, jump_fused=self.jumplora_fused, use_jumprelu=gate, **overrides,
+            r=self.jumplora_r,
+            lora_alpha=self.jumplora_alpha,
+            target_modules=self.jumplora_target_modules,
+            threshold_mode=self.jumplora_threshold_mode,
+            s_start=self.jumplora_s_start,
+            s_final=self.jumplora_s_final,
+            jump_bandwidth=self.jumplora_bandwidth,
+            jump_fused=self.jumplora_fused,
+            use_jumprelu=gate,
+            **overrides,
         )

@@ -45,7 +45,9 @@ def _innermost(optimizer):
     return optimizer
 
 
-def separate_tau_group(optimizer: torch.optim.Optimizer, taus: list[torch.nn.Parameter], lr: float | None = None) -> None:
+def separate_tau_group(
+    optimizer: torch.optim.Optimizer, taus: list[torch.nn.Parameter], lr: float | None = None
+) -> None:
     """Take log τ out of the optimizer's weight-decayed groups (decay would pull log τ to 0, τ to 1).
 
     With `lr`, τ gets a group of its own at that learning rate (call it before the LR scheduler is built);
@@ -167,7 +169,9 @@ def attach_jumplora(trainer, callback: JumpLoRATrainerCallback | None = None) ->
     return callback
 
 
-def finish_task(trainer, merged_dir: str | None = None, adapter_dir: str | None = None, accumulate_w_past: bool = False) -> MergedTaskUpdate:
+def finish_task(
+    trainer, merged_dir: str | None = None, adapter_dir: str | None = None, accumulate_w_past: bool = False
+) -> MergedTaskUpdate:
     """End the task a plain Trainer just trained, then prepare the next `train()`:
 
     1. `adapter_dir`: save the adapter in PEFT format first (after the merge B = 0 and it would be empty);

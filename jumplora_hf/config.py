@@ -7,7 +7,6 @@ import json
 import os
 from dataclasses import dataclass, field
 
-import torch
 from peft import LoraConfig
 
 from ._compat import register_custom_lora_layer
@@ -157,4 +156,3 @@ class JumpLoraConfig(LoraConfig):
         saved["target_modules"] = PLAIN_PEFT_SENTINEL
         with open(path, "w", encoding="utf-8") as f:
             json.dump(saved, f, indent=2, sort_keys=True)
-

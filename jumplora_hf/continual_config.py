@@ -38,7 +38,9 @@ class ContinualSeq2SeqConfig(Seq2SeqTrainingArguments):
     )
     ella_auto_steps: int | None = field(
         default=None,
-        metadata={"help": "With ella_lambda='auto': the steps λ is measured over (default: the steps before S_start, at least 2)."},
+        metadata={
+            "help": "With ella_lambda='auto': the steps λ is measured over (default: the steps before S_start, at least 2)."
+        },
     )
     ella_delta_mode: str = field(
         default="sparse",
@@ -56,10 +58,14 @@ class ContinualSeq2SeqConfig(Seq2SeqTrainingArguments):
             )
         },
     )
-    max_source_length: int = field(default=512, metadata={"help": "Prompt length in tokens; only the input text is truncated."})
+    max_source_length: int = field(
+        default=512, metadata={"help": "Prompt length in tokens; only the input text is truncated."}
+    )
     max_target_length: int | None = field(
         default=None,
-        metadata={"help": "Answer length in tokens with EOS (the generation budget); default: the longest option + 1."},
+        metadata={
+            "help": "Answer length in tokens with EOS (the generation budget); default: the longest option + 1."
+        },
     )
     single_task_baselines: bool = field(
         default=False,
@@ -76,7 +82,9 @@ class ContinualSeq2SeqConfig(Seq2SeqTrainingArguments):
     )
     hub_push_ledger: bool = field(default=True, metadata={"help": "With push_to_hub: upload the ledger too."})
     predict_with_generate: bool = field(default=True, metadata={"help": "Evaluation generates answers (required)."})
-    save_strategy: str = field(default="no", metadata={"help": "Mid-task checkpoints; the task sequence writes its own state."})
+    save_strategy: str = field(
+        default="no", metadata={"help": "Mid-task checkpoints; the task sequence writes its own state."}
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -30,7 +30,7 @@ from .ella import EllaRegularizer
 from .lifecycle import JumpLoRASchedule, TaskSequence, dispatch
 from .methods import get_method
 from .model import get_jumplora_model, save_merged_model
-from .sequence import TaskSpan, TaskBatchSampler, plan_task_spans, task_restarting_schedule
+from .sequence import TaskBatchSampler, TaskSpan, plan_task_spans, task_restarting_schedule
 from .state import ContinualRecord, RunDirectory, load_run_state, merged_state, restore_merged_state
 from .thresholds import tie_thresholds
 from .zero import gathered_adapters, register_adapted_weights_as_external
@@ -47,8 +47,15 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
     `hub_api` (optional) replaces huggingface_hub's `HfApi` for `push_to_hub` (tests inject a recorder).
     """
 
-    def __init__(self, model, args: ContinualSeq2SeqConfig, processing_class, peft_config: JumpLoraConfig | None = None,
-                 hub_api=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        args: ContinualSeq2SeqConfig,
+        processing_class,
+        peft_config: JumpLoraConfig | None = None,
+        hub_api=None,
+        **kwargs,
+    ):
         if not isinstance(args, ContinualSeq2SeqConfig):
             raise TypeError("args must be a ContinualSeq2SeqConfig")
         if processing_class is None:
@@ -59,12 +66,17 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
             processing_class.pad_token = processing_class.eos_token
         model = self._wrap_with_adapters(model, args, peft_config)
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-        kwargs.setdefault("data_collator", ContinualDataCollator(processing_class.pad_token_id, self.is_encoder_decoder))
+        kwargs.setdefault(
+            "data_collator", ContinualDataCollator(processing_class.pad_token_id, self.is_encoder_decoder)
+        )
         method = get_method(args.method)
         self.ella = None
         if method.ella:
             self.ella = EllaRegularizer(
-                args.ella_lambda, args.ella_delta_mode, args.ella_target_ratio, args.ella_auto_steps,
+                args.ella_lambda,
+                args.ella_delta_mode,
+                args.ella_target_ratio,
+                args.ella_auto_steps,
                 reduce_mean=lambda t: self.accelerator.reduce(t.to(self.args.device), "mean").cpu(),
             )
         listeners = ([JumpLoRASchedule()] if method.jump_gate else []) + ([self.ella] if self.ella else [])
@@ -108,7 +120,9 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         return max(len(self.record.tasks) - 1, 0) if self.record else 0
 
     # ----------------------------------------------------------------- the task sequence
-    def train_continual(self, tasks: Sequence[ContinualTask], single_task_accuracies: Sequence[float] | None = None) -> dict:
+    def train_continual(
+        self, tasks: Sequence[ContinualTask], single_task_accuracies: Sequence[float] | None = None
+    ) -> dict:
         """Run `tasks` in order; returns (and writes to `output_dir/continual_metrics.json`) the report.
 
         The unfinished tasks are trained in one `train()` call: task k owns a contiguous range of optimizer steps
@@ -124,7 +138,9 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         if saved:
             with gathered_adapters(self.model, include_base=True, modifier_rank=0):
                 restore_merged_state(self.model, saved.tensors)
-            logger.info("resuming %s after %d finished task(s): %s", self.args.output_dir, len(record.tasks), record.tasks)
+            logger.info(
+                "resuming %s after %d finished task(s): %s", self.args.output_dir, len(record.tasks), record.tasks
+            )
         self.record = record
         finished = len(record.tasks)
         remaining = encoded[finished:]
@@ -135,8 +151,14 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
             with gathered_adapters(self.model, include_base=True):
                 base_state = merged_state(self.model)
         self.task_spans = plan_task_spans(
-            [len(t.train) for t in remaining], finished, self.args.per_device_train_batch_size, self.args.world_size,
-            self.args.gradient_accumulation_steps, self.args.num_train_epochs, self.args.max_steps, names=names[finished:],
+            [len(t.train) for t in remaining],
+            finished,
+            self.args.per_device_train_batch_size,
+            self.args.world_size,
+            self.args.gradient_accumulation_steps,
+            self.args.num_train_epochs,
+            self.args.max_steps,
+            names=names[finished:],
         )
         self.train_dataset = concatenate_datasets([t.train for t in remaining])
         self.optimizer, self.lr_scheduler = None, None
@@ -146,13 +168,21 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
             return [self.evaluate_generation(encoded[j]) if j in seen else None for j in range(task.index + 1)]
 
         self.task_sequence = TaskSequence(
-            self.task_spans, self.args.seed, record, evaluate_row, lambda: self.callback_handler.callbacks,
+            self.task_spans,
+            self.args.seed,
+            record,
+            evaluate_row,
+            lambda: self.callback_handler.callbacks,
             accumulate_w_past=self.args.uses_ella,
             prepare=(lambda model: restore_merged_state(model, base_state)) if base_state is not None else None,
         )
         fingerprints = {t.name: {"data_fingerprint": _fingerprint(t)} for t in encoded}
-        run_dir = RunDirectory(self.args.output_dir, fingerprints, write_ledger=self.args.ledger and not self.args.single_task_baselines,
-                               ledger=saved.ledger if saved else ())
+        run_dir = RunDirectory(
+            self.args.output_dir,
+            fingerprints,
+            write_ledger=self.args.ledger and not self.args.single_task_baselines,
+            ledger=saved.ledger if saved else (),
+        )
         for callback in list(self.callback_handler.callbacks):
             if isinstance(callback, (TaskSequence, RunDirectory)):
                 self.remove_callback(callback)
@@ -204,12 +234,18 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         if not self.task_spans:
             return super().get_train_dataloader()
         sampler = TaskBatchSampler(
-            self.task_spans, self.args.per_device_train_batch_size, self.args.world_size,
-            self.args.gradient_accumulation_steps, self.args.seed,
+            self.task_spans,
+            self.args.per_device_train_batch_size,
+            self.args.world_size,
+            self.args.gradient_accumulation_steps,
+            self.args.seed,
         )
         loader = DataLoader(
-            self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+            self.train_dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
         )
         return self.accelerator.prepare(loader)  # deals the batches out to the processes in turn
 
@@ -227,23 +263,32 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         fresh = self.optimizer is None
         optimizer = super().create_optimizer(model)
         if fresh:
-            separate_tau_group(optimizer, tau_parameters(model or self.model), self.args.learning_rate * self.args.tau_lr_multiplier)
+            separate_tau_group(
+                optimizer, tau_parameters(model or self.model), self.args.learning_rate * self.args.tau_lr_multiplier
+            )
         return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None and self.task_spans:
             self.lr_scheduler = task_restarting_schedule(
-                self.optimizer if optimizer is None else optimizer, self.task_spans, self.args.lr_scheduler_type,
-                self.args.get_warmup_steps, self.args.lr_scheduler_kwargs,
+                self.optimizer if optimizer is None else optimizer,
+                self.task_spans,
+                self.args.lr_scheduler_type,
+                self.args.get_warmup_steps,
+                self.args.lr_scheduler_kwargs,
             )
         return super().create_scheduler(num_training_steps, optimizer)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs
+        )
         if self.ella is None or not model.training:
             return result
         loss = result[0] if return_outputs else result
-        term = self.ella.loss_term(self.model, loss, gradient_accumulation_steps(self), loss_is_scaled_for_ga(self, num_items_in_batch))
+        term = self.ella.loss_term(
+            self.model, loss, gradient_accumulation_steps(self), loss_is_scaled_for_ga(self, num_items_in_batch)
+        )
         if term is None:
             return result
         return (loss + term, result[1]) if return_outputs else loss + term
@@ -254,7 +299,16 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
             return super().log(logs, *args, **kwargs)
         step = self.state.global_step - task.first_step
         logs["task"], logs["task_step"] = task.index, step
-        dispatch(self.callback_handler.callbacks, "on_task_log", self.args, self.state, self.control, task=task, logs=logs, model=self.model)
+        dispatch(
+            self.callback_handler.callbacks,
+            "on_task_log",
+            self.args,
+            self.state,
+            self.control,
+            task=task,
+            logs=logs,
+            model=self.model,
+        )
         run_epoch = self.state.epoch  # the logged epoch is the task's own (each task is its own run of epochs)
         self.state.epoch = round(step / max(task.steps_per_epoch, 1), 4)
         try:
@@ -273,18 +327,28 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         kwargs = {**generation_kwargs(self), **gen_kwargs}
         kwargs.pop("max_length", None)
         kwargs.update(
-            do_sample=False, num_beams=1, pad_token_id=self.processing_class.pad_token_id,
-            eos_token_id=self.processing_class.eos_token_id, synced_gpus=is_deepspeed_zero3_enabled(),
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.processing_class.pad_token_id,
+            eos_token_id=self.processing_class.eos_token_id,
+            synced_gpus=is_deepspeed_zero3_enabled(),
         )
         with torch.no_grad():
-            generated = self.model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs)
+            generated = self.model.generate(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs
+            )
         if not self.is_encoder_decoder:
             generated = generated[:, inputs["input_ids"].shape[1] :]  # the continuation after the prompt
         return None, generated, None
 
 
-def encode_tasks(tasks: Sequence[ContinualTask], tokenizer, is_encoder_decoder: bool, args: ContinualSeq2SeqConfig,
-                 single_task_accuracies: Sequence[float] | None = None) -> list[EncodedTask]:
+def encode_tasks(
+    tasks: Sequence[ContinualTask],
+    tokenizer,
+    is_encoder_decoder: bool,
+    args: ContinualSeq2SeqConfig,
+    single_task_accuracies: Sequence[float] | None = None,
+) -> list[EncodedTask]:
     """Check a task list against `args` and tokenise it: every error a run would meet in its data is raised here,
     before any training (the recipes call it before the Trainer exists)."""
     if not tasks:
@@ -294,10 +358,14 @@ def encode_tasks(tasks: Sequence[ContinualTask], tokenizer, is_encoder_decoder: 
         raise ValueError(f"task names must be unique, got {names}")
     lambdas = args.ella_lambda
     if args.uses_ella and lambdas != "auto" and len(lambdas) not in (1, len(tasks)):
-        raise ValueError(f"ella_lambda has {len(lambdas)} values for {len(tasks)} tasks; give one value or one per task")
+        raise ValueError(
+            f"ella_lambda has {len(lambdas)} values for {len(tasks)} tasks; give one value or one per task"
+        )
     if single_task_accuracies is not None and len(single_task_accuracies) != len(tasks):
         raise ValueError(f"{len(single_task_accuracies)} single-task accuracies for {len(tasks)} tasks")
-    return [encode_task(t, tokenizer, is_encoder_decoder, args.max_source_length, args.max_target_length) for t in tasks]
+    return [
+        encode_task(t, tokenizer, is_encoder_decoder, args.max_source_length, args.max_target_length) for t in tasks
+    ]
 
 
 def _fingerprint(task: EncodedTask) -> str:
@@ -306,4 +374,3 @@ def _fingerprint(task: EncodedTask) -> str:
     for row in task.train:
         digest.update(json.dumps([row["input_ids"], row["labels"]]).encode())
     return digest.hexdigest()
-

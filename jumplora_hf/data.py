@@ -44,7 +44,9 @@ class ContinualTask:
             raise ValueError(f"task {self.name!r}: the {split} split is empty; give it at least one example")
         if isinstance(data, Dataset):
             if name not in data.column_names:
-                raise ValueError(f"task {self.name!r}: the {split} split has no column {name!r} (columns: {data.column_names})")
+                raise ValueError(
+                    f"task {self.name!r}: the {split} split has no column {name!r} (columns: {data.column_names})"
+                )
             return list(data[name])
         missing = [i for i, record in enumerate(data) if name not in record]
         if missing:
@@ -120,22 +122,32 @@ def resolve_metric(task: ContinualTask) -> tuple[str, Callable[[Sequence[str], S
                 "pass the path of a local metric module or a callable f(predictions, references)"
             ) from None
     if hasattr(metric, "compute"):
-        name = key or getattr(metric, "name", type(metric).__name__)
+        label = getattr(metric, "name", type(metric).__name__)
 
-        def score(predictions, references, module=metric):
-            return _pick(module.compute(predictions=list(predictions), references=list(references)), key, name)
+        def raw(predictions, references, module=metric):
+            return module.compute(predictions=list(predictions), references=list(references))
     elif callable(metric):
-        name = key or getattr(metric, "__name__", type(metric).__name__)
+        label = getattr(metric, "__name__", type(metric).__name__)
 
-        def score(predictions, references, fn=metric):
-            return _pick(fn(list(predictions), list(references)), key, name)
+        def raw(predictions, references, fn=metric):
+            return fn(list(predictions), list(references))
     else:
-        raise ValueError(f"task {task.name!r}: metric must be None, a callable, an evaluate module or its name, got {metric!r}")
+        raise ValueError(
+            f"task {task.name!r}: metric must be None, a callable, an evaluate module or its name, got {metric!r}"
+        )
     probe = [str(x) for x in task.column("eval", task.label_column)[:2]]
     try:
-        score(probe, probe)
+        result = raw(probe, probe)
+        _pick(result, key, label)
     except Exception as error:
-        raise ValueError(f"task {task.name!r}: its metric fails on its own labels ({type(error).__name__}: {error})") from None
+        raise ValueError(
+            f"task {task.name!r}: its metric fails on its own labels ({type(error).__name__}: {error})"
+        ) from None
+    name = key or (next(iter(result)) if isinstance(result, dict) else label)
+
+    def score(predictions, references):
+        return _pick(raw(predictions, references), key, name)
+
     return name, score
 
 
@@ -171,6 +183,7 @@ def encode_task(
             f"task {task.name!r}: instruction and options alone take {max_source_length - room} tokens, more than "
             f"max_source_length={max_source_length}; raise max_source_length or shorten the instruction"
         )
+
     def target_ids(texts: list[str]) -> list[list[int]]:
         return _ids(tokenizer, [t if is_encoder_decoder else " " + t for t in texts])
 

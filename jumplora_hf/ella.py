@@ -29,7 +29,11 @@ def ella_penalty(model: torch.nn.Module, mode: str = "sparse", adapter: str = "d
     """
     _check_mode(mode)
     layers = [layer for _, layer in iter_jumplora_layers(model)]
-    terms = [l.ella_squared_norm(adapter, mode) for l in layers if l.ella_w_past is not None and adapter in l.lora_A]
+    terms = [
+        layer.ella_squared_norm(adapter, mode)
+        for layer in layers
+        if layer.ella_w_past is not None and adapter in layer.lora_A
+    ]
     if not terms:
         return None
     return torch.stack(terms).sum() / len(layers)
@@ -65,8 +69,14 @@ class EllaRegularizer(ContinualCallback):
     cross-entropy, the scale ELLA's authors chose λ by. The first task has no W_past, so no term.
     """
 
-    def __init__(self, lambdas, mode: str = "sparse", target_ratio: float = 1.0, auto_steps: int | None = None,
-                 reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        lambdas,
+        mode: str = "sparse",
+        target_ratio: float = 1.0,
+        auto_steps: int | None = None,
+        reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         _check_mode(mode)
         self.auto = lambdas == "auto"
         self.lambdas = None if self.auto else [float(v) for v in lambdas]
@@ -108,7 +118,9 @@ class EllaRegularizer(ContinualCallback):
         if record is not None and task is not None:
             record.note(task.index, ella_lambda=self.task_lambdas.get(task.index, self.lam))
 
-    def loss_term(self, model: torch.nn.Module, loss: torch.Tensor, accumulation_steps: int, scaled_for_ga: bool) -> torch.Tensor | None:
+    def loss_term(
+        self, model: torch.nn.Module, loss: torch.Tensor, accumulation_steps: int, scaled_for_ga: bool
+    ) -> torch.Tensor | None:
         """λ·penalty for the loss of one micro-batch (counted once per optimizer step); None when there is none.
 
         `loss` is the cross-entropy the Trainer computed for this micro-batch, `scaled_for_ga` whether it is

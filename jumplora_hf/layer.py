@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from ._compat import BufferDict, LoraLinear, LoraVariant, called_from_add_weighted_adapter
 from .config import register_jumplora_layer
-from .groups import threshold_group
 from .gate import fused_jump_linear, hard_threshold, jump_interpolated_delta, symmetric_jump_relu
+from .groups import threshold_group
 
 # log τ of a fresh adapter: τ = the smallest normal float32, so the gate is open (ΔW_jump = ΔW) until the
 # threshold is initialised at S_start, and an adapter saved before that still behaves as plain LoRA.
@@ -57,7 +57,9 @@ class JumpLoraLinearVariant(LoraVariant):
         module.lora_log_tau[adapter_name] = torch.nn.Parameter(
             torch.zeros(1, dtype=torch.float32, device=device), requires_grad=not config.inference_mode
         )
-        module.lora_gate_state[adapter_name] = torch.tensor([_OPEN_BITS, float32_bits(0.0)], dtype=torch.int32, device=device)
+        module.lora_gate_state[adapter_name] = torch.tensor(
+            [_OPEN_BITS, float32_bits(0.0)], dtype=torch.int32, device=device
+        )
         module.jump_bandwidth[adapter_name] = config.jump_bandwidth
         module.jump_threshold_group[adapter_name] = threshold_group(config.threshold_mode, target_name)
         module.jump_fused[adapter_name] = bool(config.jump_fused)
@@ -87,7 +89,9 @@ class JumpLoraLinearVariant(LoraVariant):
         if module.jump_fused[active_adapter]:
             # `result` (the base output) is already computed here, so only the update goes through the fused
             # function; `JumpLoraLinear.forward` avoids even that second GEMM in the common one-adapter case.
-            return result + fused_jump_linear(x, None, None, lora_A.weight, lora_B.weight, log_tau, gamma, eps, scaling)
+            return result + fused_jump_linear(
+                x, None, None, lora_A.weight, lora_B.weight, log_tau, gamma, eps, scaling
+            )
         delta = jump_interpolated_delta(lora_B.weight @ lora_A.weight, log_tau, gamma, eps)  # the reference path
         return result + F.linear(x.to(delta.dtype), delta).to(result.dtype) * scaling
 
@@ -130,8 +134,13 @@ class JumpLoraLinear(LoraLinear):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         for state in (
-            self.lora_log_tau, self.lora_gate_state, self.jump_bandwidth, self.jump_threshold_group, self.jump_gamma,
-            self.jump_tau_ready, self.jump_fused,
+            self.lora_log_tau,
+            self.lora_gate_state,
+            self.jump_bandwidth,
+            self.jump_threshold_group,
+            self.jump_gamma,
+            self.jump_tau_ready,
+            self.jump_fused,
         ):
             if adapter_name in state:
                 del state[adapter_name]
@@ -196,8 +205,15 @@ class JumpLoraLinear(LoraLinear):
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
         return fused_jump_linear(
-            x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-            self.log_tau(adapter), self.jump_gamma[adapter], self.jump_bandwidth[adapter], self.scaling[adapter],
+            x,
+            base.weight,
+            base.bias,
+            self.lora_A[adapter].weight,
+            self.lora_B[adapter].weight,
+            self.log_tau(adapter),
+            self.jump_gamma[adapter],
+            self.jump_bandwidth[adapter],
+            self.scaling[adapter],
         )
 
     # ----------------------------------------------------------------- the update

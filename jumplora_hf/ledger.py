@@ -51,7 +51,7 @@ def ledger_filename(index: int, name: str) -> str:
 
 def module_name(layer_name: str) -> str:
     """The adapted module's name in the plain transformers model (without PEFT's `base_model.model.` prefix)."""
-    return layer_name[len(PEFT_PREFIX):] if layer_name.startswith(PEFT_PREFIX) else layer_name
+    return layer_name[len(PEFT_PREFIX) :] if layer_name.startswith(PEFT_PREFIX) else layer_name
 
 
 @dataclass
@@ -76,11 +76,19 @@ class LedgerEntry:
             for module, info in self.metadata["layers"].items():
                 shape, scaling = tuple(info["shape"]), float(info["scaling"])
                 if f"{module}.indices" in keys:
-                    updates[module] = LayerUpdate(shape, scaling, indices=f.get_tensor(f"{module}.indices").long(),
-                                                  values=f.get_tensor(f"{module}.values"))
+                    updates[module] = LayerUpdate(
+                        shape,
+                        scaling,
+                        indices=f.get_tensor(f"{module}.indices").long(),
+                        values=f.get_tensor(f"{module}.values"),
+                    )
                 else:
-                    updates[module] = LayerUpdate(shape, scaling, lora_A=f.get_tensor(f"{module}.lora_A"),
-                                                  lora_B=f.get_tensor(f"{module}.lora_B"))
+                    updates[module] = LayerUpdate(
+                        shape,
+                        scaling,
+                        lora_A=f.get_tensor(f"{module}.lora_A"),
+                        lora_B=f.get_tensor(f"{module}.lora_B"),
+                    )
         return updates
 
     def supports(self) -> dict[str, np.ndarray]:
@@ -95,7 +103,9 @@ class TaskLedger:
         self.folder = os.path.join(run_dir, LEDGER_DIR)
 
     # ----------------------------------------------------------------- writing
-    def write_task(self, index: int, name: str, method: str, update: MergedTaskUpdate, metadata: dict | None = None) -> str:
+    def write_task(
+        self, index: int, name: str, method: str, update: MergedTaskUpdate, metadata: dict | None = None
+    ) -> str:
         """Write one task's updates (atomically); returns the file's path."""
         from . import __version__
 
@@ -103,7 +113,11 @@ class TaskLedger:
         sparsity = update.sparsity()
         for layer_name, layer in update.layers.items():
             module = module_name(layer_name)
-            layers[module] = {"shape": list(layer.shape), "scaling": layer.scaling, "sparsity": sparsity.get(layer_name)}
+            layers[module] = {
+                "shape": list(layer.shape),
+                "scaling": layer.scaling,
+                "sparsity": sparsity.get(layer_name),
+            }
             if layer.is_sparse:
                 small = layer.shape[0] * layer.shape[1] < 2**31
                 tensors[f"{module}.indices"] = layer.indices.to(torch.int32 if small else torch.int64).contiguous()
@@ -112,9 +126,15 @@ class TaskLedger:
                 tensors[f"{module}.lora_A"] = layer.lora_A.contiguous()
                 tensors[f"{module}.lora_B"] = layer.lora_B.contiguous()
         meta = {
-            "format": FORMAT, "task": name, "index": index, "method": method, "package_version": __version__,
-            "tau": update.taus, "sparsity_mean": float(np.mean(list(sparsity.values()))) if sparsity else None,
-            "layers": layers, **(metadata or {}),
+            "format": FORMAT,
+            "task": name,
+            "index": index,
+            "method": method,
+            "package_version": __version__,
+            "tau": update.taus,
+            "sparsity_mean": float(np.mean(list(sparsity.values()))) if sparsity else None,
+            "layers": layers,
+            **(metadata or {}),
         }
         os.makedirs(self.folder, exist_ok=True)
         path = os.path.join(self.folder, ledger_filename(index, name))
@@ -126,7 +146,9 @@ class TaskLedger:
     # ----------------------------------------------------------------- reading
     def entries(self) -> list[LedgerEntry]:
         if not os.path.isdir(self.folder):
-            raise FileNotFoundError(f"{self.run_dir} has no {LEDGER_DIR}/ folder: it was trained without a ledger, or is not a run dir")
+            raise FileNotFoundError(
+                f"{self.run_dir} has no {LEDGER_DIR}/ folder: it was trained without a ledger, or is not a run dir"
+            )
         entries = []
         for filename in sorted(os.listdir(self.folder)):
             if filename.endswith(".safetensors"):
@@ -147,7 +169,9 @@ class TaskLedger:
         for task in tasks:
             match = [e for e in entries if e.name == str(task) or str(e.index + 1) == str(task)]
             if not match:
-                raise ValueError(f"no task {task!r} in the ledger of {self.run_dir}; it has {[e.name for e in entries]}")
+                raise ValueError(
+                    f"no task {task!r} in the ledger of {self.run_dir}; it has {[e.name for e in entries]}"
+                )
             chosen.add(match[0].index)
         return [e for e in entries if e.index in chosen]
 
@@ -156,15 +180,26 @@ class TaskLedger:
         rows, earlier = [], []
         for entry in self.entries():
             supports = entry.supports()
-            overlap = [np.mean([support_jaccard(s, past[m]) for past in earlier]) for m, s in supports.items()] if earlier else []
+            overlap = (
+                [np.mean([support_jaccard(s, past[m]) for past in earlier]) for m, s in supports.items()]
+                if earlier
+                else []
+            )
             meta = entry.metadata
-            rows.append({
-                "task": entry.index + 1, "name": entry.name, "method": meta["method"], "steps": meta.get("steps"),
-                "examples": meta.get("examples"), "tau": meta.get("tau"), "sparsity": meta.get("sparsity_mean"),
-                "jaccard_with_earlier": float(np.mean(overlap)) if overlap else None,
-                "per_layer_sparsity": {m: info["sparsity"] for m, info in meta["layers"].items()},
-                "bytes": os.path.getsize(entry.path),
-            })
+            rows.append(
+                {
+                    "task": entry.index + 1,
+                    "name": entry.name,
+                    "method": meta["method"],
+                    "steps": meta.get("steps"),
+                    "examples": meta.get("examples"),
+                    "tau": meta.get("tau"),
+                    "sparsity": meta.get("sparsity_mean"),
+                    "jaccard_with_earlier": float(np.mean(overlap)) if overlap else None,
+                    "per_layer_sparsity": {m: info["sparsity"] for m, info in meta["layers"].items()},
+                    "bytes": os.path.getsize(entry.path),
+                }
+            )
             earlier.append(supports)
         return rows
 
@@ -201,7 +236,9 @@ def apply_entries(model: torch.nn.Module, entries: Sequence[LedgerEntry], sign: 
         for module, update in entry.layers().items():
             key = f"{module}.weight"
             if key not in params:
-                raise ValueError(f"the ledger adapts {module}, which {type(model).__name__} does not have: is it the same base model?")
+                raise ValueError(
+                    f"the ledger adapts {module}, which {type(model).__name__} does not have: is it the same base model?"
+                )
             weight = params[key]
             if weight.shape != torch.Size(update.shape):
                 raise ValueError(f"{key} has shape {tuple(weight.shape)}, the ledger's update {update.shape}")
@@ -244,8 +281,9 @@ def _save(model, out: str, source: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jumplora_hf.ledger", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m jumplora_hf.ledger", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("show", help="list the tasks with sparsity and overlap")
     show.add_argument("run_dir")
@@ -268,9 +306,15 @@ def main(argv: list[str] | None = None) -> int:
         ledger = TaskLedger(args.run_dir)
         if args.command == "show":
             for row in ledger.summary():
-                jac = "" if row["jaccard_with_earlier"] is None else f"  Jaccard with earlier {row['jaccard_with_earlier']:.3f}"
+                jac = (
+                    ""
+                    if row["jaccard_with_earlier"] is None
+                    else f"  Jaccard with earlier {row['jaccard_with_earlier']:.3f}"
+                )
                 sparsity = "dense" if not row["sparsity"] else f"sparsity {100 * row['sparsity']:.1f}%"
-                print(f"task {row['task']} {row['name']} ({row['method']}): {sparsity}{jac}  {row['bytes'] / 1e6:.2f} MB")
+                print(
+                    f"task {row['task']} {row['name']} ({row['method']}): {sparsity}{jac}  {row['bytes'] / 1e6:.2f} MB"
+                )
                 if args.layers:
                     for module, value in row["per_layer_sparsity"].items():
                         print(f"    {module}: {100 * (value or 0):.1f}%")

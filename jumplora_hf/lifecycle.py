@@ -164,7 +164,9 @@ def _dense_update(layer: JumpLoraLinear, adapter: str) -> LayerUpdate:
     return LayerUpdate(shape, float(layer.scaling[adapter]), lora_A=a.cpu().clone(), lora_B=b.cpu().clone())
 
 
-def end_task(model: torch.nn.Module, accumulate_w_past: bool, adapter: str = "default", record_layers: bool = False) -> MergedTaskUpdate:
+def end_task(
+    model: torch.nn.Module, accumulate_w_past: bool, adapter: str = "default", record_layers: bool = False
+) -> MergedTaskUpdate:
     """W ← W + β·ΔW_final for every adapted layer (and W_past ← W_past + ΔW_final for ELLA).
 
     The adapters' update is removed (B = 0), so the model then computes the merged base model alone. With
@@ -264,9 +266,29 @@ class TaskSequence(TrainerCallback):
         with writing_adapters(model, include_base=True):
             update = end_task(model, self.accumulate_w_past, record_layers=True)
         self.record.add_task(task.name, update)
-        dispatch(self.callbacks(), "on_task_end", args, state, control, task=task, update=update, record=self.record, model=model)
+        dispatch(
+            self.callbacks(),
+            "on_task_end",
+            args,
+            state,
+            control,
+            task=task,
+            update=update,
+            record=self.record,
+            model=model,
+        )
         row = self.evaluate(task)
         self.record.add_row(task.index, row)
-        dispatch(self.callbacks(), "on_task_evaluated", args, state, control, task=task, row=row, record=self.record, model=model)
+        dispatch(
+            self.callbacks(),
+            "on_task_evaluated",
+            args,
+            state,
+            control,
+            task=task,
+            row=row,
+            record=self.record,
+            model=model,
+        )
         update.layers.clear()  # written by now; only the supports stay in memory
         self.current = None

@@ -60,10 +60,13 @@ def support_jaccard(packed_a: np.ndarray, packed_b: np.ndarray) -> float:
     return int(np.bitwise_count(packed_a & packed_b).sum()) / union
 
 
-def mean_jaccard_with_previous(current: dict[str, np.ndarray], previous: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+def mean_jaccard_with_previous(
+    current: dict[str, np.ndarray], previous: Sequence[dict[str, np.ndarray]]
+) -> dict[str, float]:
     """Per layer: mean Jaccard overlap of the current task's support with each previous task's (paper Fig. 3)."""
     if not previous:
         return {}
     return {
-        name: float(np.mean([support_jaccard(packed, past[name]) for past in previous])) for name, packed in current.items()
+        name: float(np.mean([support_jaccard(packed, past[name]) for past in previous]))
+        for name, packed in current.items()
     }

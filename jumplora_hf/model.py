@@ -56,7 +56,11 @@ def check_target_modules(model: torch.nn.Module, config: JumpLoraConfig) -> list
             f"modules are named {leaves}"
         )
     modules = dict(model.named_modules())
-    wrong = [f"{name} ({type(modules[name]).__name__})" for name in matched if not isinstance(modules[name], torch.nn.Linear)]
+    wrong = [
+        f"{name} ({type(modules[name]).__name__})"
+        for name in matched
+        if not isinstance(modules[name], torch.nn.Linear)
+    ]
     if wrong:
         raise ValueError(f"JumpLoRA adapts nn.Linear layers only; target_modules also matched {wrong[:5]}")
     owners: dict[int, list[str]] = {}
@@ -84,6 +88,17 @@ def check_target_modules_of_peft_model(model: torch.nn.Module, adapter: str = "d
     if not layers:
         raise ValueError("no JumpLoRA layer in the model: were the targets injected with another config?")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if isinstance(config.target_modules, (list, set, tuple)):
+        names = [name for name, _ in base.named_modules() if name]
+        unmatched = _unmatched_names(sorted(config.target_modules), names)
+        if unmatched:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})
+            hints = {t: difflib.get_close_matches(t, leaves, n=3, cutoff=0.5) for t in unmatched}
+            raise ValueError(
+                "target_modules names that match no module: "
+                + "; ".join(f"{t!r} (closest: {hints[t]})" if hints[t] else repr(t) for t in unmatched)
+                + f". The nn.Linear modules are named {leaves}; fix or remove those names"
+            )
     owners: dict[int, list[str]] = {}
     for name, param in base.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name)
@@ -112,12 +127,20 @@ def load_jumplora_adapter(
     the update of its state, and `merge_and_unload()` gives the same model. Adapters saved by jumplora_hf 0.1 (no
     gate state) get γ = 1 and their full log τ. `kwargs` go to `PeftModel.from_pretrained` (revision, token, ...).
     """
-    config = JumpLoraConfig.from_pretrained(path, **{k: v for k, v in kwargs.items() if k in ("revision", "subfolder", "token")})
+    config = JumpLoraConfig.from_pretrained(
+        path, **{k: v for k, v in kwargs.items() if k in ("revision", "subfolder", "token")}
+    )
     config.inference_mode = not is_trainable
-    peft_model = PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs)
+    peft_model = PeftModel.from_pretrained(
+        model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
+    )
     tie_thresholds(peft_model, adapter_name)
     for _, layer in iter_jumplora_layers(peft_model):
-        if layer.is_jump(adapter_name) and not layer.jump_tau_ready[adapter_name] and layer.lora_log_tau[adapter_name].item() != 0.0:
+        if (
+            layer.is_jump(adapter_name)
+            and not layer.jump_tau_ready[adapter_name]
+            and layer.lora_log_tau[adapter_name].item() != 0.0
+        ):
             # jumplora_hf 0.1 saved the whole log τ as lora_log_tau and no gate state: anchor it, gate fully on
             layer.set_log_tau(adapter_name, float(layer.lora_log_tau[adapter_name].item()))
             layer.set_gamma(adapter_name, 1.0)
@@ -141,7 +164,11 @@ def save_merged_model(trainer, output_dir: str) -> None:
     (accelerate config) / `stage3_gather_16bit_weights_on_model_save`. Call it on every process; the main
     process writes.
     """
-    wrapped = trainer.model_wrapped if trainer.is_deepspeed_enabled and trainer.model_wrapped is not trainer.model else trainer.model
+    wrapped = (
+        trainer.model_wrapped
+        if trainer.is_deepspeed_enabled and trainer.model_wrapped is not trainer.model
+        else trainer.model
+    )
     state = trainer.accelerator.get_state_dict(wrapped)
     if not trainer.is_world_process_zero():
         return

@@ -70,7 +70,14 @@ class TaskBatchSampler(Sampler[list[int]]):
     tasks before it, nor on whether the run was resumed.
     """
 
-    def __init__(self, spans: Sequence[TaskSpan], per_device_batch_size: int, num_processes: int, gradient_accumulation_steps: int, seed: int):
+    def __init__(
+        self,
+        spans: Sequence[TaskSpan],
+        per_device_batch_size: int,
+        num_processes: int,
+        gradient_accumulation_steps: int,
+        seed: int,
+    ):
         # no `batch_size` attribute: accelerate then deals our batches out whole instead of re-batching them
         self.spans = list(spans)
         self.per_device_batch_size = per_device_batch_size
@@ -115,7 +122,10 @@ def task_restarting_schedule(
     for span in spans:
         probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         schedule = get_scheduler(
-            scheduler_type, probe, num_warmup_steps=warmup(span.num_steps), num_training_steps=span.num_steps,
+            scheduler_type,
+            probe,
+            num_warmup_steps=warmup(span.num_steps),
+            num_training_steps=span.num_steps,
             scheduler_specific_kwargs=scheduler_kwargs or {},
         )
         multipliers.append(schedule.lr_lambdas[0])

@@ -66,9 +66,15 @@ class ContinualRecord:
         per_task = []
         for index, (name, update) in enumerate(zip(self.tasks, self.updates)):
             sparsity = update.sparsity()
-            entry = {"name": name, "metric": self._metric(index), "sparsity": {"mean": _mean(sparsity), "per_layer": sparsity}}
+            entry = {
+                "name": name,
+                "metric": self._metric(index),
+                "sparsity": {"mean": _mean(sparsity), "per_layer": sparsity},
+            }
             if not self.single_task_baselines and index < len(self.accuracy_matrix):
-                overlap = metrics.mean_jaccard_with_previous(update.supports, [u.supports for u in self.updates[:index]])
+                overlap = metrics.mean_jaccard_with_previous(
+                    update.supports, [u.supports for u in self.updates[:index]]
+                )
                 partial = [row[: index + 1] for row in self.accuracy_matrix[: index + 1]]
                 entry["overall_accuracy"] = metrics.overall_accuracy(partial)
                 entry["backward_transfer"] = metrics.backward_transfer(partial)
@@ -155,7 +161,9 @@ class SavedRun:
 
 def load_run_state(output_dir: str, method: str, sequence: Sequence[str]) -> SavedRun | None:
     """The resume state of `output_dir`, checked against this run (method, task order); None if there is none."""
-    if os.path.exists(os.path.join(output_dir, LEGACY_STATE_FILE)) and not os.path.exists(os.path.join(output_dir, STATE_FILE)):
+    if os.path.exists(os.path.join(output_dir, LEGACY_STATE_FILE)) and not os.path.exists(
+        os.path.join(output_dir, STATE_FILE)
+    ):
         raise ValueError(
             f"{output_dir} holds {LEGACY_STATE_FILE}, the resume state of jumplora_hf 0.1, a pickle, which this version "
             "never loads (unpickling a file can run code). Start the run in a new output_dir, or delete that file to "
@@ -166,7 +174,9 @@ def load_run_state(output_dir: str, method: str, sequence: Sequence[str]) -> Sav
         return None
     saved = read_json(path)
     if saved.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path} has format {saved.get('format')!r}, this version reads {STATE_FORMAT}; start in a new output_dir")
+        raise ValueError(
+            f"{path} has format {saved.get('format')!r}, this version reads {STATE_FORMAT}; start in a new output_dir"
+        )
     done = saved["tasks"]
     if saved["method"] != method or list(sequence[: len(done)]) != done:
         raise ValueError(
@@ -175,20 +185,31 @@ def load_run_state(output_dir: str, method: str, sequence: Sequence[str]) -> Sav
         )
     tensor_path = os.path.join(output_dir, saved["tensors"]["file"])
     if not os.path.exists(tensor_path) or sha256_file(tensor_path) != saved["tensors"]["sha256"]:
-        raise ValueError(f"{tensor_path} is missing or does not match {STATE_FILE}; the run dir is damaged: start in a new output_dir")
+        raise ValueError(
+            f"{tensor_path} is missing or does not match {STATE_FILE}; the run dir is damaged: start in a new output_dir"
+        )
     tensors = load_file(tensor_path)
     record = ContinualRecord(
-        method=method, sequence=list(sequence), single_task_baselines=saved.get("single_task_baselines", False),
-        metric_names=list(saved.get("metrics", [])), tasks=list(done),
-        accuracy_matrix=[row[: len(sequence)] + [None] * (len(sequence) - len(row)) for row in saved["accuracy_matrix"]],
+        method=method,
+        sequence=list(sequence),
+        single_task_baselines=saved.get("single_task_baselines", False),
+        metric_names=list(saved.get("metrics", [])),
+        tasks=list(done),
+        accuracy_matrix=[
+            row[: len(sequence)] + [None] * (len(sequence) - len(row)) for row in saved["accuracy_matrix"]
+        ],
         notes={int(k): v for k, v in saved.get("notes", {}).items()},
     )
     for index in range(len(done)):
         prefix = f"support/{index}/"
-        supports = {k[len(prefix):]: v.numpy() for k, v in tensors.items() if k.startswith(prefix)}
-        update = MergedTaskUpdate(supports=supports, numels=dict(saved["numels"]), taus=dict(saved.get("taus", [{}] * len(done))[index]))
+        supports = {k[len(prefix) :]: v.numpy() for k, v in tensors.items() if k.startswith(prefix)}
+        update = MergedTaskUpdate(
+            supports=supports, numels=dict(saved["numels"]), taus=dict(saved.get("taus", [{}] * len(done))[index])
+        )
         record.updates.append(update)
-    return SavedRun(record, {k: v for k, v in tensors.items() if not k.startswith("support/")}, saved.get("ledger", []))
+    return SavedRun(
+        record, {k: v for k, v in tensors.items() if not k.startswith("support/")}, saved.get("ledger", [])
+    )
 
 
 def saved_merged_weights(output_dir: str) -> dict[str, torch.Tensor]:
@@ -205,8 +226,13 @@ class RunDirectory(ContinualCallback):
     the same ledger: the files of finished tasks are listed in the state and never written again.
     """
 
-    def __init__(self, output_dir: str, task_metadata: dict[str, dict] | None = None, write_ledger: bool = True,
-                 ledger: Sequence[dict] = ()):
+    def __init__(
+        self,
+        output_dir: str,
+        task_metadata: dict[str, dict] | None = None,
+        write_ledger: bool = True,
+        ledger: Sequence[dict] = (),
+    ):
         self.output_dir = output_dir
         self.task_metadata = task_metadata or {}
         self.write_ledger = write_ledger
@@ -225,13 +251,17 @@ class RunDirectory(ContinualCallback):
             meta = {**self.task_metadata.get(task.name, {}), "steps": task.num_steps, "examples": task.num_examples}
             path = TaskLedger(self.output_dir).write_task(task.index, task.name, record.method, self._pending, meta)
             self.ledger_files = [e for e in self.ledger_files if e["index"] != task.index]
-            self.ledger_files.append({"index": task.index, "file": os.path.relpath(path, self.output_dir), "sha256": sha256_file(path)})
+            self.ledger_files.append(
+                {"index": task.index, "file": os.path.relpath(path, self.output_dir), "sha256": sha256_file(path)}
+            )
         self._pending = None
         write_state(self.output_dir, record, tensors, self.ledger_files)
         write_json_atomic(os.path.join(self.output_dir, METRICS_FILE), record.report())
 
 
-def write_state(output_dir: str, record: ContinualRecord, tensors: dict[str, torch.Tensor], ledger: Sequence[dict]) -> None:
+def write_state(
+    output_dir: str, record: ContinualRecord, tensors: dict[str, torch.Tensor], ledger: Sequence[dict]
+) -> None:
     """The resume state after `len(record.tasks)` tasks: tensors first, then the JSON that names them."""
     os.makedirs(output_dir, exist_ok=True)
     count = len(record.tasks)
@@ -244,19 +274,22 @@ def write_state(output_dir: str, record: ContinualRecord, tensors: dict[str, tor
     save_file({k: v.contiguous() for k, v in all_tensors.items()}, tmp, metadata={"format": str(STATE_FORMAT)})
     os.replace(tmp, os.path.join(output_dir, tensor_file))
     numels = record.updates[-1].numels if record.updates else {}
-    write_json_atomic(os.path.join(output_dir, STATE_FILE), {
-        "format": STATE_FORMAT,
-        "method": record.method,
-        "tasks": record.tasks,
-        "single_task_baselines": record.single_task_baselines,
-        "metrics": record.metric_names[:count],
-        "accuracy_matrix": record.accuracy_matrix,
-        "numels": numels,
-        "taus": [u.taus for u in record.updates],
-        "notes": {str(k): v for k, v in record.notes.items()},
-        "tensors": {"file": tensor_file, "sha256": sha256_file(os.path.join(output_dir, tensor_file))},
-        "ledger": sorted(ledger, key=lambda e: e["index"]),
-    })
+    write_json_atomic(
+        os.path.join(output_dir, STATE_FILE),
+        {
+            "format": STATE_FORMAT,
+            "method": record.method,
+            "tasks": record.tasks,
+            "single_task_baselines": record.single_task_baselines,
+            "metrics": record.metric_names[:count],
+            "accuracy_matrix": record.accuracy_matrix,
+            "numels": numels,
+            "taus": [u.taus for u in record.updates],
+            "notes": {str(k): v for k, v in record.notes.items()},
+            "tensors": {"file": tensor_file, "sha256": sha256_file(os.path.join(output_dir, tensor_file))},
+            "ledger": sorted(ledger, key=lambda e: e["index"]),
+        },
+    )
     for old in glob.glob(os.path.join(output_dir, "continual_state-*.safetensors")):
         if os.path.basename(old) != tensor_file:
             os.remove(old)

@@ -24,7 +24,13 @@ import argparse
 import os
 import sys
 
-from jumplora_hf.bench.aggregation import PAPER_OA, aggregate_runs, format_paired_differences, format_table, paired_differences
+from jumplora_hf.bench.aggregation import (
+    PAPER_OA,
+    aggregate_runs,
+    format_paired_differences,
+    format_table,
+    paired_differences,
+)
 from jumplora_hf.bench.reports import write_run_reports
 from jumplora_hf.files import write_atomic
 
@@ -34,10 +40,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("run_dirs", nargs="+", help="run directories, each holding continual_metrics.json")
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
-    parser.add_argument("--plots", action="store_true", help="(re)write each run's tables and plots into its directory")
+    parser.add_argument(
+        "--plots", action="store_true", help="(re)write each run's tables and plots into its directory"
+    )
     parser.add_argument("--paper", action="store_true", help="add the paper's Table 1 OA next to each order")
-    parser.add_argument("--allow-partial", action="store_true", help="report unfinished runs and differing task lists with a note")
-    parser.add_argument("--label", action="append", default=[], metavar="RUN_DIR=ORDER", help="task order label of a run dir")
+    parser.add_argument(
+        "--allow-partial", action="store_true", help="report unfinished runs and differing task lists with a note"
+    )
+    parser.add_argument(
+        "--label", action="append", default=[], metavar="RUN_DIR=ORDER", help="task order label of a run dir"
+    )
     return parser.parse_args(argv)
 
 

@@ -30,13 +30,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from jumplora_hf import METHODS, ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, ContinualTask, JumpLoraConfig
+from jumplora_hf.bench.console import TaskProgress, comparison_line, print_report
 from jumplora_hf.bench.gguf import SMOLLM2_GGUF, SMOLLM2_PACKAGE, convert_gguf, packaged_file
 from jumplora_hf.bench.reports import write_run_reports  # tables always; plots when matplotlib is installed
-from jumplora_hf.bench.console import TaskProgress, comparison_line, print_report
 from jumplora_hf.bench.synthetic import CATEGORY_RULES, conflicting_task_stream
 from jumplora_hf.state import STATE_FILE
-
-
 
 MODEL_DIR = os.path.join("models", "SmolLM2-135M-Instruct")
 OUTPUT_ROOT = os.path.join("runs", "demo")
@@ -48,7 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, default=4, help=f"number of tasks, at most {len(CATEGORY_RULES)}")
     parser.add_argument("--train_examples", type=int, default=192, help="training examples per task (one epoch)")
     parser.add_argument(
-        "--first_task_examples", type=int, default=256,
+        "--first_task_examples",
+        type=int,
+        default=256,
         help="training examples of the first task, which also teaches the answer format (' yes'/' no', then EOS)",
     )
     parser.add_argument("--eval_examples", type=int, default=32, help="evaluation examples per task")
@@ -57,9 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lora_alpha", type=float, default=32)
     parser.add_argument("--max_source_length", type=int, default=64)
-    parser.add_argument("--ella_lambda", type=float, nargs="+", default=[0.0, 1e4], help="λ of the ella methods (untuned here)")
+    parser.add_argument(
+        "--ella_lambda", type=float, nargs="+", default=[0.0, 1e4], help="λ of the ella methods (untuned here)"
+    )
     parser.add_argument("--model_dir", default=MODEL_DIR, help="the converted model, a cache: converted when missing")
-    parser.add_argument("--output_root", default=OUTPUT_ROOT, help="runs go to <output_root>/<method>; a rerun resumes them")
+    parser.add_argument(
+        "--output_root", default=OUTPUT_ROOT, help="runs go to <output_root>/<method>; a rerun resumes them"
+    )
     parser.add_argument("--fresh", action="store_true", help="delete --output_root first and train from scratch")
     parser.add_argument("--seed", type=int, default=42)
     return parser.parse_args(argv)
@@ -94,15 +98,27 @@ def run_demo(
             print(f"{method}: resuming the finished tasks in {output_dir} (--fresh starts over)")
         set_seed(seed)
         config = ContinualSeq2SeqConfig(
-            output_dir=output_dir, method=method, ella_lambda=lambdas if METHODS[method].ella else None,
-            learning_rate=learning_rate, lr_scheduler_type="constant", warmup_steps=0,
-            per_device_train_batch_size=batch_size, per_device_eval_batch_size=max(len(t.eval_dataset) for t in tasks),
-            num_train_epochs=1, max_source_length=max_source_length, logging_steps=16, report_to="none", seed=seed,
-            use_cpu=not torch.cuda.is_available(), disable_tqdm=disable_tqdm,
+            output_dir=output_dir,
+            method=method,
+            ella_lambda=lambdas if METHODS[method].ella else None,
+            learning_rate=learning_rate,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=max(len(t.eval_dataset) for t in tasks),
+            num_train_epochs=1,
+            max_source_length=max_source_length,
+            logging_steps=16,
+            report_to="none",
+            seed=seed,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=disable_tqdm,
         )
         adapters = JumpLoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=list(target_modules))
         progress = TaskProgress(len(tasks), method, start)
-        trainer = ContinualSeq2SeqTrainer(copy.deepcopy(model), config, tokenizer, peft_config=adapters, callbacks=[progress])
+        trainer = ContinualSeq2SeqTrainer(
+            copy.deepcopy(model), config, tokenizer, peft_config=adapters, callbacks=[progress]
+        )
         report = trainer.train_continual(tasks)
         print_report(report)
         print("written: " + ", ".join(write_run_reports(output_dir, report)))
@@ -117,7 +133,11 @@ def newest_rule_accuracies(tasks: list[ContinualTask]) -> list[list[float]]:
     Computed from the categories each eval sentence mentions (`conflicting_task_stream` records).
     """
     return [
-        [sum((newest.name in r["mentions"]) == (r["label"] == "yes") for r in old.eval_dataset) / len(old.eval_dataset) for old in tasks[:i]]
+        [
+            sum((newest.name in r["mentions"]) == (r["label"] == "yes") for r in old.eval_dataset)
+            / len(old.eval_dataset)
+            for old in tasks[:i]
+        ]
         for i, newest in enumerate(tasks)
     ]
 
@@ -141,10 +161,21 @@ def main(argv=None) -> dict[str, dict]:
     tasks = conflicting_task_stream(args.tasks, train_sizes, args.eval_examples, seed=args.seed)
     print(f"{len(tasks)} tasks with the labels yes/no on the same kind of sentences, each with its own question:")
     for task in tasks:
-        print(f"  {task.name}: {task.instruction}  ({len(task.train_dataset)} training / {len(task.eval_dataset)} evaluation examples)")
+        print(
+            f"  {task.name}: {task.instruction}  ({len(task.train_dataset)} training / {len(task.eval_dataset)} evaluation examples)"
+        )
     reports = run_demo(
-        model, tokenizer, args.methods, tasks, args.output_root, learning_rate=args.learning_rate, batch_size=args.batch_size,
-        rank=args.rank, lora_alpha=args.lora_alpha, max_source_length=args.max_source_length, ella_lambda=args.ella_lambda,
+        model,
+        tokenizer,
+        args.methods,
+        tasks,
+        args.output_root,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        rank=args.rank,
+        lora_alpha=args.lora_alpha,
+        max_source_length=args.max_source_length,
+        ella_lambda=args.ella_lambda,
         seed=args.seed,
     )
     print("\nanswering each earlier task by the newest task's question instead (complete forgetting) would score:")

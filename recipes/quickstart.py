@@ -22,9 +22,8 @@ import torch
 from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration, set_seed
 
 from jumplora_hf import METHODS, ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, JumpLoraConfig
-from jumplora_hf.bench.synthetic import keyword_task_stream
-
 from jumplora_hf.bench.console import print_report
+from jumplora_hf.bench.synthetic import keyword_task_stream
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,7 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, default=3, help="number of generated tasks")
     parser.add_argument("--train_examples", type=int, default=1600, help="training examples per task")
     parser.add_argument("--eval_examples", type=int, default=64, help="evaluation examples per task")
-    parser.add_argument("--ella_lambda", type=float, nargs="+", default=[0.0, 1e3], help="λ: one value or one per task")
+    parser.add_argument(
+        "--ella_lambda", type=float, nargs="+", default=[0.0, 1e3], help="λ: one value or one per task"
+    )
     parser.add_argument("--output_dir", default=None, help="default: runs/quickstart/<method>; a rerun continues it")
     parser.add_argument("--d_model", type=int, default=32, help="width of the tiny T5")
     parser.add_argument("--seed", type=int, default=1)
@@ -47,22 +48,45 @@ def main(argv=None) -> dict:
     # an untied output head: a tied one would be changed by every merge into the embeddings
     model = T5ForConditionalGeneration(
         T5Config(
-            vocab_size=384, d_model=args.d_model, d_ff=2 * args.d_model, num_layers=2, num_decoder_layers=2, num_heads=2,
+            vocab_size=384,
+            d_model=args.d_model,
+            d_ff=2 * args.d_model,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=2,
             d_kv=args.d_model // 2,
-            dropout_rate=0.0, tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+            dropout_rate=0.0,
+            tie_word_embeddings=False,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
         )
     )
-    lambdas = args.ella_lambda if len(args.ella_lambda) in (1, args.tasks) else [args.ella_lambda[0]] + [args.ella_lambda[-1]] * (args.tasks - 1)
+    lambdas = (
+        args.ella_lambda
+        if len(args.ella_lambda) in (1, args.tasks)
+        else [args.ella_lambda[0]] + [args.ella_lambda[-1]] * (args.tasks - 1)
+    )
     config = ContinualSeq2SeqConfig(
-        output_dir=args.output_dir, method=args.method, ella_lambda=lambdas if METHODS[args.method].ella else None,
-        learning_rate=3e-3, lr_scheduler_type="constant", per_device_train_batch_size=8, per_device_eval_batch_size=64,
-        num_train_epochs=1, logging_steps=50, report_to="none", seed=args.seed,
+        output_dir=args.output_dir,
+        method=args.method,
+        ella_lambda=lambdas if METHODS[args.method].ella else None,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=64,
+        num_train_epochs=1,
+        logging_steps=50,
+        report_to="none",
+        seed=args.seed,
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
     )
     adapters = JumpLoraConfig(r=8, lora_alpha=16, target_modules=["q", "k", "v", "o", "wi", "wo"])
     trainer = ContinualSeq2SeqTrainer(model, config, ByT5Tokenizer(), peft_config=adapters)
-    report = trainer.train_continual(keyword_task_stream(args.tasks, args.train_examples, args.eval_examples, filler=(0, 0)))
+    report = trainer.train_continual(
+        keyword_task_stream(args.tasks, args.train_examples, args.eval_examples, filler=(0, 0))
+    )
 
     if not trainer.is_world_process_zero():
         return report

@@ -1,7 +1,7 @@
 """A tiny 3-task sequence for the multi-process tests; rank 0 writes what the tests compare.
 
-    python tests/distributed_run.py OUT_DIR [--method M]
-    accelerate launch --multi_gpu --num_processes 2 tests/distributed_run.py OUT_DIR
+python tests/distributed_run.py OUT_DIR [--method M]
+accelerate launch --multi_gpu --num_processes 2 tests/distributed_run.py OUT_DIR
 """
 
 import argparse
@@ -33,7 +33,9 @@ class TaskStartProbe(ContinualCallback):
 
     def on_task_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         with gathered_adapters(model):
-            self.max_abs_b.append(max(layer.lora_B["default"].weight.abs().max().item() for _, layer in iter_jumplora_layers(model)))
+            self.max_abs_b.append(
+                max(layer.lora_B["default"].weight.abs().max().item() for _, layer in iter_jumplora_layers(model))
+            )
         self.optimizer_states.append(len(innermost_optimizer(optimizer).state))
 
 
@@ -47,8 +49,11 @@ def innermost_optimizer(optimizer):
 def deepspeed_config(stage: int) -> dict:
     return {
         "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
-        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
     }
 
 
@@ -57,15 +62,29 @@ def main():
     parser.add_argument("out")
     parser.add_argument("--method", default="jumplora_ella")
     parser.add_argument("--threshold_mode", default="per_block")
-    parser.add_argument("--optim", default="sgd", help="sgd: updates linear in the gradient, so backends agree closely")
-    parser.add_argument("--zero_stage", type=int, default=0, help="2 or 3: DeepSpeed ZeRO from the arguments (no config file)")
+    parser.add_argument(
+        "--optim", default="sgd", help="sgd: updates linear in the gradient, so backends agree closely"
+    )
+    parser.add_argument(
+        "--zero_stage", type=int, default=0, help="2 or 3: DeepSpeed ZeRO from the arguments (no config file)"
+    )
     parser.add_argument("--tau_lr_multiplier", type=float, default=1.0)
     cli = parser.parse_args()
     args = ContinualSeq2SeqConfig(
-        output_dir=cli.out, method=cli.method, ella_lambda=[0.0, 100.0, 100.0] if "ella" in cli.method else None,
-        per_device_train_batch_size=8 // int(os.environ.get("WORLD_SIZE", 1)), per_device_eval_batch_size=4,
-        learning_rate=0.5 if cli.optim == "sgd" else 1e-2, optim=cli.optim, lr_scheduler_type="constant", num_train_epochs=1, logging_steps=1, report_to="none",
-        seed=3, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        output_dir=cli.out,
+        method=cli.method,
+        ella_lambda=[0.0, 100.0, 100.0] if "ella" in cli.method else None,
+        per_device_train_batch_size=8 // int(os.environ.get("WORLD_SIZE", 1)),
+        per_device_eval_batch_size=4,
+        learning_rate=0.5 if cli.optim == "sgd" else 1e-2,
+        optim=cli.optim,
+        lr_scheduler_type="constant",
+        num_train_epochs=1,
+        logging_steps=1,
+        report_to="none",
+        seed=3,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
         # the Trainer multiplies the loss by the world size for token averaging; on MULTI_CPU (gloo) we measured
         # the gradient doubled by it, so compare backends without it (equal-length examples make it moot)
         average_tokens_across_devices=False,
@@ -75,29 +94,42 @@ def main():
     )
     probe = TaskStartProbe()
     config = JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], threshold_mode=cli.threshold_mode)
-    trainer = ContinualSeq2SeqTrainer(tiny_t5(tie_word_embeddings=False), args, tokenizer(), peft_config=config, callbacks=[probe])
+    trainer = ContinualSeq2SeqTrainer(
+        tiny_t5(tie_word_embeddings=False), args, tokenizer(), peft_config=config, callbacks=[probe]
+    )
     # every example has the same length, so every rank holds as many answer tokens as any other and the
     # per-rank loss normalisation equals the global one: the backends can then agree to float precision
     tasks = [
         keyword_task(f"task{i}", options, triggers, n_train=32, n_eval=12, seed=i, filler=(0, 0))
-        for i, (options, triggers) in enumerate([(["aa", "bb"], ["xx", "yy"]), (["cc", "dd"], ["uu", "vv"]), (["ee", "ff"], ["ss", "tt"])])
+        for i, (options, triggers) in enumerate(
+            [(["aa", "bb"], ["xx", "yy"]), (["cc", "dd"], ["uu", "vv"]), (["ee", "ff"], ["ss", "tt"])]
+        )
     ]
     report = trainer.train_continual(tasks)
     with gathered_adapters(trainer.model, include_base=True):
-        weights = {name: layer.get_base_layer().weight.detach().float().cpu().clone() for name, layer in iter_jumplora_layers(trainer.model)}
+        weights = {
+            name: layer.get_base_layer().weight.detach().float().cpu().clone()
+            for name, layer in iter_jumplora_layers(trainer.model)
+        }
     trainer.save_merged_model(os.path.join(cli.out, "merged"))
     if trainer.is_world_process_zero():
         steps = [int(s["step"]) for s in innermost_optimizer(trainer.optimizer).state.values() if "step" in s]
         save_file(weights, os.path.join(cli.out, "weights.safetensors"))
         result = {
-            "report": report, "task_start_max_abs_b": probe.max_abs_b, "task_start_optimizer_states": probe.optimizer_states,
-            "last_task_steps": trainer.task_spans[-1].num_steps, "optimizer_step_counts": steps,
+            "report": report,
+            "task_start_max_abs_b": probe.max_abs_b,
+            "task_start_optimizer_states": probe.optimizer_states,
+            "last_task_steps": trainer.task_spans[-1].num_steps,
+            "optimizer_step_counts": steps,
             "world_size": trainer.args.world_size,
             "group_lrs": [g["lr"] for g in innermost_optimizer(trainer.optimizer).param_groups],
             "learning_rate": trainer.args.learning_rate,
         }
         with open(os.path.join(cli.out, "result.json"), "w") as f:
             json.dump(result, f)
+    if torch.distributed.is_initialized():  # an orderly exit: gloo aborted one rank's teardown now and then without it
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ def data_dir(tmp_path):
             (folder / f"{split}.json").write_text(json.dumps(records))
         (folder / "labels.json").write_text(json.dumps(labels))
     (tmp_path / "orders.json").write_text(json.dumps({"order1": ["beta", "alpha"]}))
-    (tmp_path / "instructions.json").write_text(json.dumps({"beta": {"instruction": "Colour?\n", "options": ["blue", "green", "red"]}}))
+    (tmp_path / "instructions.json").write_text(
+        json.dumps({"beta": {"instruction": "Colour?\n", "options": ["blue", "green", "red"]}})
+    )
     return tmp_path
 
 

@@ -54,16 +54,26 @@ def test_add_weighted_adapter_detection_is_false_elsewhere():
 
 
 def _trainer(tmp_path, **overrides):
-    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=4,
-                                    predict_with_generate=True, **overrides)
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        per_device_eval_batch_size=4,
+        predict_with_generate=True,
+        **overrides,
+    )
     tok = tokenizer()
-    return Seq2SeqTrainer(model=tiny_t5(), args=args, processing_class=tok, data_collator=ContinualDataCollator(tok.pad_token_id, True))
+    return Seq2SeqTrainer(
+        model=tiny_t5(), args=args, processing_class=tok, data_collator=ContinualDataCollator(tok.pad_token_id, True)
+    )
 
 
 def test_trainer_loss_scaling_rule_and_accumulation_attribute(tmp_path):
     trainer = _trainer(tmp_path)
     assert trainer.loss_is_scaled_for_ga is None
-    assert _compat.loss_is_scaled_for_ga(trainer, 10) == (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None)
+    assert _compat.loss_is_scaled_for_ga(trainer, 10) == (
+        trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None
+    )
     assert _compat.loss_is_scaled_for_ga(trainer, None) == (trainer.compute_loss_func is not None)
     trainer.loss_is_scaled_for_ga = True
     assert _compat.loss_is_scaled_for_ga(trainer, None) is True

@@ -47,7 +47,9 @@ def test_labels_follow_each_task_rule_and_are_balanced():
             assert sum(r["label"] == "yes" for r in split) in (n // 2, (n + 1) // 2)
             for record in split:
                 assert (record["label"] == "yes") == _mentions(record["sentence"], task.name), record
-                assert record["mentions"] == [name for name, _ in CATEGORY_RULES if _mentions(record["sentence"], name)]
+                assert record["mentions"] == [
+                    name for name, _ in CATEGORY_RULES if _mentions(record["sentence"], name)
+                ]
 
 
 def test_rules_disagree_on_about_half_of_the_sentences():
@@ -97,8 +99,24 @@ def tiny_model_dir(tmp_path):
 def test_demo_on_a_tiny_llama(tiny_model_dir, tmp_path, capsys):
     runs = tmp_path / "runs"
     argv = [
-        "--model_dir", str(tiny_model_dir), "--output_root", str(runs), "--tasks", "4", "--first_task_examples", "16", "--train_examples", "16", "--batch_size", "4",
-        "--eval_examples", "4", "--max_source_length", "192", "--learning_rate", "1e-2",
+        "--model_dir",
+        str(tiny_model_dir),
+        "--output_root",
+        str(runs),
+        "--tasks",
+        "4",
+        "--first_task_examples",
+        "16",
+        "--train_examples",
+        "16",
+        "--batch_size",
+        "4",
+        "--eval_examples",
+        "4",
+        "--max_source_length",
+        "192",
+        "--learning_rate",
+        "1e-2",
     ]
     reports = demo.main(argv)
     out = capsys.readouterr().out
@@ -122,9 +140,13 @@ def test_demo_on_a_tiny_llama(tiny_model_dir, tmp_path, capsys):
     assert out.count("  after place: ") == 3 and out.count("mean Jaccard with earlier tasks") == 6
     assert out.count("dense (0% sparse)") == 4
     assert re.search(r"^OA \d\.\d{3}   BWT [+-]\d\.\d{3}$", out, re.M)
-    assert "answering each earlier task by the newest task's question instead (complete forgetting) would score:" in out
+    assert (
+        "answering each earlier task by the newest task's question instead (complete forgetting) would score:" in out
+    )
     assert re.search(r"^  after place: \d\.\d{3}  \d\.\d{3}  \d\.\d{3}$", out, re.M)
-    assert re.search(r"^IncLoRA OA \d\.\d{3} BWT [+-]\d\.\d{3} \| JumpLoRA \+ IncLoRA OA \d\.\d{3} BWT [+-]\d\.\d{3}$", out, re.M)
+    assert re.search(
+        r"^IncLoRA OA \d\.\d{3} BWT [+-]\d\.\d{3} \| JumpLoRA \+ IncLoRA OA \d\.\d{3} BWT [+-]\d\.\d{3}$", out, re.M
+    )
 
     # a rerun resumes the finished runs (nothing left to train); --fresh deletes them first
     assert demo.main(argv) == reports

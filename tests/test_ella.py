@@ -18,11 +18,15 @@ def _randomise_adapters(model, seed):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in iter_jumplora_layers(model):
-            layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=gen) * 0.1)
+            layer.lora_B["default"].weight.copy_(
+                torch.randn(layer.lora_B["default"].weight.shape, generator=gen) * 0.1
+            )
 
 
 def _model(use_jumprelu=True):
-    return get_jumplora_model(TINY_MODELS["t5"](), JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], use_jumprelu=use_jumprelu))
+    return get_jumplora_model(
+        TINY_MODELS["t5"](), JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], use_jumprelu=use_jumprelu)
+    )
 
 
 def test_w_past_accumulates_final_deltas_task_after_task():
@@ -50,20 +54,23 @@ def test_penalty_equals_formula(mode):
     _randomise_adapters(model, seed=1)
     layers = [layer for _, layer in iter_jumplora_layers(model)]
     # before S_start both modes use the dense ΔW
-    dense = sum(((l.lora_B["default"].weight @ l.lora_A["default"].weight) * l.ella_w_past).pow(2).sum() for l in layers) / len(layers)
+    dense = sum(
+        ((layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.ella_w_past).pow(2).sum()
+        for layer in layers
+    ) / len(layers)
     assert torch.allclose(ella_penalty(model, mode), dense)
     initialize_thresholds(model)
     set_interpolation_gamma(model, 0.5)
     terms = []
-    for l in layers:
-        delta = l.lora_B["default"].weight @ l.lora_A["default"].weight
-        jumped = delta * (delta.abs() > l.log_tau("default").exp())
+    for layer in layers:
+        delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        jumped = delta * (delta.abs() > layer.log_tau("default").exp())
         delta_x = jumped if mode == "sparse" else 0.5 * delta + 0.5 * jumped
-        terms.append((delta_x * l.ella_w_past).pow(2).sum())
+        terms.append((delta_x * layer.ella_w_past).pow(2).sum())
     penalty = ella_penalty(model, mode)
     assert torch.allclose(penalty, sum(terms) / len(terms))
     penalty.backward()
-    assert all(l.lora_B["default"].weight.grad is not None for l in layers)
+    assert all(layer.lora_B["default"].weight.grad is not None for layer in layers)
 
 
 def test_plain_lora_penalty_uses_dense_delta():
@@ -72,7 +79,10 @@ def test_plain_lora_penalty_uses_dense_delta():
     end_task(model, accumulate_w_past=True)
     _randomise_adapters(model, seed=1)
     layers = [layer for _, layer in iter_jumplora_layers(model)]
-    expected = sum(((l.lora_B["default"].weight @ l.lora_A["default"].weight) * l.ella_w_past).pow(2).sum() for l in layers) / len(layers)
+    expected = sum(
+        ((layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.ella_w_past).pow(2).sum()
+        for layer in layers
+    ) / len(layers)
     assert torch.allclose(ella_penalty(model), expected)
 
 
@@ -82,11 +92,22 @@ def test_auto_lambda_is_measured_per_task_and_reported(tmp_path):
     from jumplora_hf import ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer
 
     args = ContinualSeq2SeqConfig(
-        output_dir=str(tmp_path), method="jumplora_ella", ella_lambda="auto", ella_target_ratio=0.5,
-        per_device_train_batch_size=4, num_train_epochs=1, learning_rate=1e-2, logging_steps=1, report_to="none",
-        use_cpu=True, disable_tqdm=True, seed=7,
+        output_dir=str(tmp_path),
+        method="jumplora_ella",
+        ella_lambda="auto",
+        ella_target_ratio=0.5,
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=7,
     )
-    trainer = ContinualSeq2SeqTrainer(tiny_t5(), args, tokenizer(), peft_config=JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"]))
+    trainer = ContinualSeq2SeqTrainer(
+        tiny_t5(), args, tokenizer(), peft_config=JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"])
+    )
     report = trainer.train_continual(task_stream(3))
     lambdas = [task["ella_lambda"] for task in report["per_task"]]
     assert lambdas[0] == 0.0 and all(lam > 0 for lam in lambdas[1:])  # no W_past in the first task

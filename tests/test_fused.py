@@ -30,7 +30,9 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 def _reference(x, weight, bias, lora_A, lora_B, log_tau, gamma, eps, scaling):
-    return F.linear(x, weight, bias) + scaling * F.linear(x, jump_interpolated_delta(lora_B @ lora_A, log_tau, gamma, eps))
+    return F.linear(x, weight, bias) + scaling * F.linear(
+        x, jump_interpolated_delta(lora_B @ lora_A, log_tau, gamma, eps)
+    )
 
 
 def _problem(dtype, shape, bias, seed=0):
@@ -157,7 +159,9 @@ def test_fused_saves_no_dense_update(gamma, dtype):
 def _layer(jump_fused, gamma):
     torch.manual_seed(0)
     config = JumpLoraConfig(r=RANK, lora_alpha=2 * RANK, jump_fused=jump_fused)
-    layer = JumpLoraLinear(torch.nn.Linear(D_IN, D_OUT), "default", config=config, r=RANK, lora_alpha=2 * RANK, target_name="l")
+    layer = JumpLoraLinear(
+        torch.nn.Linear(D_IN, D_OUT), "default", config=config, r=RANK, lora_alpha=2 * RANK, target_name="l"
+    )
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(std=0.1)
         delta = layer.delta_weight("default")
@@ -195,7 +199,9 @@ def test_layer_fused_equals_reference_and_saves_no_dense_update(path):
 
 def test_layer_falls_back_at_gamma_zero_merged_and_disabled(monkeypatch):
     calls = []
-    monkeypatch.setattr(layer_module, "fused_jump_linear", lambda *a, **k: calls.append(1) or fused_jump_linear(*a, **k))
+    monkeypatch.setattr(
+        layer_module, "fused_jump_linear", lambda *a, **k: calls.append(1) or fused_jump_linear(*a, **k)
+    )
     layer = _layer(True, 0.0)
     x = torch.randn(3, D_IN)
     layer(x)
@@ -223,7 +229,9 @@ TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
 def test_model_fused_equals_reference(arch, monkeypatch):
     """Same loss and the same gradients of every trainable parameter at γ = 0.5, τ initialised."""
     calls = []
-    monkeypatch.setattr(layer_module, "fused_jump_linear", lambda *a, **k: calls.append(1) or fused_jump_linear(*a, **k))
+    monkeypatch.setattr(
+        layer_module, "fused_jump_linear", lambda *a, **k: calls.append(1) or fused_jump_linear(*a, **k)
+    )
     base = TINY_MODELS[arch]()
     models = {}
     for fused in (True, False):
@@ -232,7 +240,9 @@ def test_model_fused_equals_reference(arch, monkeypatch):
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _, layer in iter_jumplora_layers(models[True]):
-            layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=gen) * 0.05)
+            layer.lora_B["default"].weight.copy_(
+                torch.randn(layer.lora_B["default"].weight.shape, generator=gen) * 0.05
+            )
     models[False].load_state_dict(models[True].state_dict())
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(3, 300, (2, 9), generator=gen)

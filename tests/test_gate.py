@@ -50,9 +50,7 @@ def test_interpolation_endpoints_and_midpoint():
     assert torch.equal(hard_threshold(delta, log_tau), jumped)
 
 
-@pytest.mark.parametrize(
-    "step,expected", [(0, 0.0), (19, 0.0), (20, 0.0), (50, 0.5), (80, 1.0), (99, 1.0)]
-)
+@pytest.mark.parametrize("step,expected", [(0, 0.0), (19, 0.0), (20, 0.0), (50, 0.5), (80, 1.0), (99, 1.0)])
 def test_gamma_schedule(step, expected):
     assert interpolation_gamma(step, 20, 80) == pytest.approx(expected)
 

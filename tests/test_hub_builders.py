@@ -19,14 +19,60 @@ N_TEST, N_TRAIN = 8, 14  # fake rows per class in the Hub test / train source: a
 # Task -> (Hub id, config, test source, train source, labels.json of the paper's folder).
 EXPECTED = {
     "agnews": ("fancyzhx/ag_news", None, "test", "train", ["World", "Sports", "Business", "Science or Technology"]),
-    "dbpedia": ("fancyzhx/dbpedia_14", None, "test", "train", [
-        "Company", "Educational Institution", "Artist", "Athlete", "Office Holder", "Mean of Transportation", "Building",
-        "Natural Place", "Village", "Animal", "Plant", "Album", "Film", "Written Work"]),
-    "yahoo": ("community-datasets/yahoo_answers_topics", None, "test", "train", [
-        "Society & Culture", "Science & Mathematics", "Health", "Education & Reference", "Computers & Internet", "Sports",
-        "Business & Finance", "Entertainment & Music", "Family & Relationships", "Politics & Government"]),
-    "yelp": ("Yelp/yelp_review_full", None, "test", "train", ["very negative", "negative", "neutral", "positive", "very positive"]),
-    "amazon": ("SetFit/amazon_reviews_multi_en", None, "test", "train", ["very negative", "negative", "neutral", "positive", "very positive"]),
+    "dbpedia": (
+        "fancyzhx/dbpedia_14",
+        None,
+        "test",
+        "train",
+        [
+            "Company",
+            "Educational Institution",
+            "Artist",
+            "Athlete",
+            "Office Holder",
+            "Mean of Transportation",
+            "Building",
+            "Natural Place",
+            "Village",
+            "Animal",
+            "Plant",
+            "Album",
+            "Film",
+            "Written Work",
+        ],
+    ),
+    "yahoo": (
+        "community-datasets/yahoo_answers_topics",
+        None,
+        "test",
+        "train",
+        [
+            "Society & Culture",
+            "Science & Mathematics",
+            "Health",
+            "Education & Reference",
+            "Computers & Internet",
+            "Sports",
+            "Business & Finance",
+            "Entertainment & Music",
+            "Family & Relationships",
+            "Politics & Government",
+        ],
+    ),
+    "yelp": (
+        "Yelp/yelp_review_full",
+        None,
+        "test",
+        "train",
+        ["very negative", "negative", "neutral", "positive", "very positive"],
+    ),
+    "amazon": (
+        "SetFit/amazon_reviews_multi_en",
+        None,
+        "test",
+        "train",
+        ["very negative", "negative", "neutral", "positive", "very positive"],
+    ),
     "mnli": ("nyu-mll/glue", "mnli", "validation_matched", "train", ["neutral", "entailment", "contradiction"]),
     "qqp": ("nyu-mll/glue", "qqp", "validation", "train", ["False", "True"]),
     "rte": ("nyu-mll/glue", "rte", "validation", "train", ["contradiction", "entailment"]),
@@ -45,7 +91,13 @@ def _row(task, label, text, i):
     rows = {
         "agnews": lambda: {"text": text, "label": label},
         "dbpedia": lambda: {"label": label, "title": f"T{i}", "content": f" {text}"},
-        "yahoo": lambda: {"id": i, "topic": label, "question_title": f"q{i}?", "question_content": text if i % 2 else "", "best_answer": text},
+        "yahoo": lambda: {
+            "id": i,
+            "topic": label,
+            "question_title": f"q{i}?",
+            "question_content": text if i % 2 else "",
+            "best_answer": text,
+        },
         "yelp": lambda: {"label": label, "text": text},
         "amazon": lambda: {"id": f"en_{i}", "text": text, "label": label, "label_text": str(label)},
         "mnli": lambda: {"premise": text, "hypothesis": f"h{i}", "label": label, "idx": i},
@@ -53,10 +105,33 @@ def _row(task, label, text, i):
         "rte": lambda: {"sentence1": text, "sentence2": f"s{i}", "label": label, "idx": i},
         "sst2": lambda: {"sentence": f"{text} ", "label": label, "idx": i},
         "cb": lambda: {"premise": text, "hypothesis": f"h{i}", "idx": i, "label": label},
-        "copa": lambda: {"premise": text, "choice1": "a.", "choice2": "b.", "question": ("cause", "effect")[i % 2], "idx": i, "label": label},
-        "wic": lambda: {"word": "w", "sentence1": text, "sentence2": "w.", "start1": 0, "start2": 0, "end1": 1, "end2": 1, "idx": i, "label": label},
+        "copa": lambda: {
+            "premise": text,
+            "choice1": "a.",
+            "choice2": "b.",
+            "question": ("cause", "effect")[i % 2],
+            "idx": i,
+            "label": label,
+        },
+        "wic": lambda: {
+            "word": "w",
+            "sentence1": text,
+            "sentence2": "w.",
+            "start1": 0,
+            "start2": 0,
+            "end1": 1,
+            "end2": 1,
+            "idx": i,
+            "label": label,
+        },
         "boolq": lambda: {"question": text, "passage": "P -- p.", "idx": i, "label": label},
-        "multirc": lambda: {"paragraph": "p.", "question": text, "answer": "a", "idx": {"paragraph": 0, "question": i, "answer": 0}, "label": label},
+        "multirc": lambda: {
+            "paragraph": "p.",
+            "question": text,
+            "answer": "a",
+            "idx": {"paragraph": 0, "question": i, "answer": 0},
+            "label": label,
+        },
         "imdb": lambda: {"text": text, "label": label},
     }
     return rows[task]()
@@ -98,7 +173,8 @@ def _read(folder, name):
 def _snapshot(root):
     return {
         os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-        for d, _, files in os.walk(root) for f in files
+        for d, _, files in os.walk(root)
+        for f in files
     }
 
 
@@ -107,47 +183,98 @@ def test_registry_covers_the_fifteen_tasks():
     assert {t for order in ORDERS.values() for t in order} == set(HUB_TASKS) and len(ORDERS) == 6
     for name, (path, config, test_split, train_split, labels) in EXPECTED.items():
         spec = HUB_TASKS[name]
-        assert (spec.path, spec.config, spec.test_split, spec.train_split, spec.options) == (path, config, test_split, train_split, labels)
+        assert (spec.path, spec.config, spec.test_split, spec.train_split, spec.options) == (
+            path,
+            config,
+            test_split,
+            train_split,
+            labels,
+        )
 
 
-@pytest.mark.parametrize("task,row,sentence,label", [
-    ("agnews", {"text": "T D", "label": 3}, "Text: T D\n", "Science or Technology"),
-    ("dbpedia", {"title": "X", "content": " Y", "label": 13}, "Title: X\nText:  Y\n", "Written Work"),
-    ("yahoo", {"topic": 9, "question_title": "t", "question_content": "c", "best_answer": "a"}, "Title: t\nQuestion: c\nAnswer: a\n", "Politics & Government"),
-    ("yahoo", {"topic": 0, "question_title": "t", "question_content": "", "best_answer": "a"}, "Question: t\nAnswer: a\n", "Society & Culture"),
-    ("yelp", {"text": "ok", "label": 0}, "Text: ok\n", "very negative"),
-    ("amazon", {"text": "ok", "label": 4}, "Text: ok\n", "very positive"),
-    ("mnli", {"premise": "p", "hypothesis": "h", "label": 0}, "sentence 1: p\nsentence 2: h", "entailment"),
-    ("mnli", {"premise": "p", "hypothesis": "h", "label": 1}, "sentence 1: p\nsentence 2: h", "neutral"),
-    ("qqp", {"question1": "a?", "question2": "b?", "label": 1}, "first sentence: a?\nsecond sentence: b?", "True"),
-    ("rte", {"sentence1": "a", "sentence2": "b", "label": 1}, "sentence 1: a\nsentence 2: b", "contradiction"),
-    ("sst2", {"sentence": "fine ", "label": 1}, "Text: fine ", "Good"),
-    ("cb", {"premise": "p", "hypothesis": "h", "label": 2}, "sentence 1: p\nsentence 2: h", "neutral"),
-    ("copa", {"premise": "The man turned on the faucet.", "choice1": "The toilet filled with water.", "choice2": "Water flowed from the spout.",
-              "question": "effect", "label": 1},
-     'Which sentence is the effect of "The man turned on the faucet."? Choose one between A and B.\n'
-     "A: The toilet filled with water.\nB: Water flowed from the spout.", "B"),
-    ("wic", {"word": "cushion", "sentence1": "To cushion a blow.", "sentence2": "Cushion the blow.", "label": 0},
-     "word: cushion\nTo cushion a blow.\nCushion the blow.", "False"),
-    ("boolq", {"question": "is it", "passage": "T -- p.", "label": 1}, "question: is it\npassage: T -- p.", "True"),
-    ("multirc", {"paragraph": "p. ", "question": "q?", "answer": "a", "label": 0}, "paragraph: p. \nquestion: q?\ncandidate answer: a", "False"),
-    ("imdb", {"text": "Great.<br />", "label": 0}, "Great.<br />", "Bad"),
-    ("sst2", {"sentence": "hidden ", "label": -1}, "Text: hidden ", None),
-])
+@pytest.mark.parametrize(
+    "task,row,sentence,label",
+    [
+        ("agnews", {"text": "T D", "label": 3}, "Text: T D\n", "Science or Technology"),
+        ("dbpedia", {"title": "X", "content": " Y", "label": 13}, "Title: X\nText:  Y\n", "Written Work"),
+        (
+            "yahoo",
+            {"topic": 9, "question_title": "t", "question_content": "c", "best_answer": "a"},
+            "Title: t\nQuestion: c\nAnswer: a\n",
+            "Politics & Government",
+        ),
+        (
+            "yahoo",
+            {"topic": 0, "question_title": "t", "question_content": "", "best_answer": "a"},
+            "Question: t\nAnswer: a\n",
+            "Society & Culture",
+        ),
+        ("yelp", {"text": "ok", "label": 0}, "Text: ok\n", "very negative"),
+        ("amazon", {"text": "ok", "label": 4}, "Text: ok\n", "very positive"),
+        ("mnli", {"premise": "p", "hypothesis": "h", "label": 0}, "sentence 1: p\nsentence 2: h", "entailment"),
+        ("mnli", {"premise": "p", "hypothesis": "h", "label": 1}, "sentence 1: p\nsentence 2: h", "neutral"),
+        ("qqp", {"question1": "a?", "question2": "b?", "label": 1}, "first sentence: a?\nsecond sentence: b?", "True"),
+        ("rte", {"sentence1": "a", "sentence2": "b", "label": 1}, "sentence 1: a\nsentence 2: b", "contradiction"),
+        ("sst2", {"sentence": "fine ", "label": 1}, "Text: fine ", "Good"),
+        ("cb", {"premise": "p", "hypothesis": "h", "label": 2}, "sentence 1: p\nsentence 2: h", "neutral"),
+        (
+            "copa",
+            {
+                "premise": "The man turned on the faucet.",
+                "choice1": "The toilet filled with water.",
+                "choice2": "Water flowed from the spout.",
+                "question": "effect",
+                "label": 1,
+            },
+            'Which sentence is the effect of "The man turned on the faucet."? Choose one between A and B.\n'
+            "A: The toilet filled with water.\nB: Water flowed from the spout.",
+            "B",
+        ),
+        (
+            "wic",
+            {"word": "cushion", "sentence1": "To cushion a blow.", "sentence2": "Cushion the blow.", "label": 0},
+            "word: cushion\nTo cushion a blow.\nCushion the blow.",
+            "False",
+        ),
+        (
+            "boolq",
+            {"question": "is it", "passage": "T -- p.", "label": 1},
+            "question: is it\npassage: T -- p.",
+            "True",
+        ),
+        (
+            "multirc",
+            {"paragraph": "p. ", "question": "q?", "answer": "a", "label": 0},
+            "paragraph: p. \nquestion: q?\ncandidate answer: a",
+            "False",
+        ),
+        ("imdb", {"text": "Great.<br />", "label": 0}, "Great.<br />", "Bad"),
+        ("sst2", {"sentence": "hidden ", "label": -1}, "Text: hidden ", None),
+    ],
+)
 def test_rows_are_laid_out_as_in_the_papers_folder(task, row, sentence, label):
     assert HUB_TASKS[task].to_record(row) == {"sentence": sentence, "label": label}
 
 
 def test_sample_splits_protocol():
-    test_source = [{"sentence": f"t{i}", "label": "ab"[i % 2]} for i in range(20)] + [{"sentence": "x", "label": "-"}, {"sentence": "y", "label": None}]
-    train_source = [{"sentence": f"p{i}", "label": "ab"[i % 2]} for i in range(40)] + [{"sentence": "t0", "label": "a"}] * 3
+    test_source = [{"sentence": f"t{i}", "label": "ab"[i % 2]} for i in range(20)] + [
+        {"sentence": "x", "label": "-"},
+        {"sentence": "y", "label": None},
+    ]
+    train_source = [{"sentence": f"p{i}", "label": "ab"[i % 2]} for i in range(40)] + [
+        {"sentence": "t0", "label": "a"}
+    ] * 3
     splits = sample_splits(test_source, train_source, labels=["a", "b"], seed=0, test_per_class=4, pool_per_class=10)
     assert Counter(r["label"] for r in splits["test"]) == {"a": 4, "b": 4}
     assert (len(splits["train"]), len(splits["dev"])) == (16, 4)
     sentences = [r["sentence"] for split in splits.values() for r in split]
     assert len(sentences) == len(set(sentences)) and not {"x", "y"} & set(sentences)
-    assert splits == sample_splits(test_source, train_source, labels=["a", "b"], seed=0, test_per_class=4, pool_per_class=10)
-    assert splits != sample_splits(test_source, train_source, labels=["a", "b"], seed=1, test_per_class=4, pool_per_class=10)
+    assert splits == sample_splits(
+        test_source, train_source, labels=["a", "b"], seed=0, test_per_class=4, pool_per_class=10
+    )
+    assert splits != sample_splits(
+        test_source, train_source, labels=["a", "b"], seed=1, test_per_class=4, pool_per_class=10
+    )
     with pytest.raises(ValueError, match="not one of"):
         sample_splits(test_source, train_source, labels=["a"])
     with pytest.raises(ValueError, match="train_fraction"):
@@ -216,7 +343,9 @@ def test_refuses_to_overwrite_before_loading(tmp_path):
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("build_cl_benchmark", os.path.join(ROOT, "recipes", "build_cl_benchmark.py"))
+    spec = importlib.util.spec_from_file_location(
+        "build_cl_benchmark", os.path.join(ROOT, "recipes", "build_cl_benchmark.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -238,7 +367,9 @@ def test_cli_offline_message(tmp_path, monkeypatch):
 
 def test_cli_builds(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(datasets, "load_dataset", FakeHub())
-    counts = _cli().main(["--out_dir", str(tmp_path), "--tasks", "order1", "--test_per_class", "2", "--pool_per_class", "5"])
+    counts = _cli().main(
+        ["--out_dir", str(tmp_path), "--tasks", "order1", "--test_per_class", "2", "--pool_per_class", "5"]
+    )
     assert list(counts) == ORDERS["order1"] and counts["agnews"] == {"train": 16, "dev": 4, "test": 8}
     assert "dbpedia" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--overwrite"):

@@ -25,11 +25,19 @@ from jumplora_hf import (
 )
 
 TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
-GROUPS = {("t5", "global"): 1, ("t5", "per_block"): 4, ("t5", "per_module"): 12,
-          ("llama", "global"): 1, ("llama", "per_block"): 2, ("llama", "per_module"): 4}
+GROUPS = {
+    ("t5", "global"): 1,
+    ("t5", "per_block"): 4,
+    ("t5", "per_module"): 12,
+    ("llama", "global"): 1,
+    ("llama", "per_block"): 2,
+    ("llama", "per_module"): 4,
+}
 CASES = [
     pytest.param(arch, mode, fused, id=f"{arch}-{mode}-{'fused' if fused else 'reference'}")
-    for arch in ("t5", "llama") for mode in ("global", "per_block", "per_module") for fused in (True, False)
+    for arch in ("t5", "llama")
+    for mode in ("global", "per_block", "per_module")
+    for fused in (True, False)
 ]
 
 
@@ -59,7 +67,9 @@ def _trained_like(model, adapter="default", seed=1):
 
 
 def _config(arch, mode="global", fused=True, **overrides):
-    return JumpLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], threshold_mode=mode, jump_fused=fused, **overrides)
+    return JumpLoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS[arch], threshold_mode=mode, jump_fused=fused, **overrides
+    )
 
 
 def _model(arch, mode="global", fused=True):
@@ -139,13 +149,22 @@ def test_second_adapter_and_delete(arch, mode, fused):
 
     model.delete_adapter("other")
     for _, layer in iter_jumplora_layers(model):
-        for state in (layer.lora_log_tau, layer.lora_gate_state, layer.jump_gamma, layer.jump_tau_ready, layer.jump_fused,
-                      layer.jump_bandwidth, layer.jump_threshold_group):
+        for state in (
+            layer.lora_log_tau,
+            layer.lora_gate_state,
+            layer.jump_gamma,
+            layer.jump_tau_ready,
+            layer.jump_fused,
+            layer.jump_bandwidth,
+            layer.jump_threshold_group,
+        ):
             assert "other" not in state
     assert not any(".other" in name for name in model.state_dict())
     assert torch.allclose(_logits(model, arch), first, atol=1e-6)
     model.delete_adapter("default")
-    assert torch.allclose(_logits(model.base_model.model, arch), base_logits, atol=1e-6)  # PEFT keeps no active adapter
+    assert torch.allclose(
+        _logits(model.base_model.model, arch), base_logits, atol=1e-6
+    )  # PEFT keeps no active adapter
 
 
 @pytest.mark.parametrize("arch", ["t5", "llama"])
@@ -227,7 +246,9 @@ def test_plain_get_peft_model_gets_its_thresholds_tied_by_the_callback():
     from jumplora_hf import JumpLoRATrainerCallback
 
     model = get_peft_model(TINY_MODELS["t5"](), JumpLoraConfig(target_modules=["q", "v"]))
-    assert len({id(layer.lora_log_tau["default"]) for _, layer in iter_jumplora_layers(model)}) == 12  # PEFT alone: one per layer
+    assert (
+        len({id(layer.lora_log_tau["default"]) for _, layer in iter_jumplora_layers(model)}) == 12
+    )  # PEFT alone: one per layer
     args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
     JumpLoRATrainerCallback().on_init_end(args, None, None, model=model)
     assert len({id(layer.lora_log_tau["default"]) for _, layer in iter_jumplora_layers(model)}) == 1

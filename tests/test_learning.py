@@ -11,7 +11,11 @@ SETUPS = {
     # untied T5 head: a tied one would be changed by every merge into the embeddings
     "t5": (dict(tie_word_embeddings=False), ["q", "k", "v", "o", "wi", "wo"], AutoModelForSeq2SeqLM),
     # a 0.02 init caps the frozen random head's logits near 0.6: nothing can be learned with confidence
-    "llama": (dict(initializer_range=0.2), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], AutoModelForCausalLM),
+    "llama": (
+        dict(initializer_range=0.2),
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        AutoModelForCausalLM,
+    ),
 }
 
 
@@ -19,12 +23,24 @@ SETUPS = {
 def test_tiny_model_learns_and_saves_a_plain_merged_checkpoint(tmp_path, arch):
     overrides, targets, auto_class = SETUPS[arch]
     args = ContinualSeq2SeqConfig(
-        output_dir=str(tmp_path / "run"), method="jumplora_inclora", learning_rate=1e-2, lr_scheduler_type="constant",
-        per_device_train_batch_size=8, per_device_eval_batch_size=64, num_train_epochs=1, logging_steps=50,
-        report_to="none", use_cpu=True, seed=1, disable_tqdm=True,
+        output_dir=str(tmp_path / "run"),
+        method="jumplora_inclora",
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=64,
+        num_train_epochs=1,
+        logging_steps=50,
+        report_to="none",
+        use_cpu=True,
+        seed=1,
+        disable_tqdm=True,
     )
     trainer = ContinualSeq2SeqTrainer(
-        TINY_MODELS[arch](**overrides), args, tokenizer(), peft_config=JumpLoraConfig(r=8, lora_alpha=16, target_modules=targets)
+        TINY_MODELS[arch](**overrides),
+        args,
+        tokenizer(),
+        peft_config=JumpLoraConfig(r=8, lora_alpha=16, target_modules=targets),
     )
     task = keyword_task("keyword", ["yes", "no"], ["sun", "moon"], n_train=1600, n_eval=64, filler=(0, 3))  # 200 steps
     report = trainer.train_continual([task])

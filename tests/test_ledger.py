@@ -7,7 +7,13 @@ import pytest
 import torch
 from tiny import TINY_MODELS, task_stream, tokenizer
 
-from jumplora_hf import ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, JumpLoraConfig, TaskLedger, iter_jumplora_layers
+from jumplora_hf import (
+    ContinualSeq2SeqConfig,
+    ContinualSeq2SeqTrainer,
+    JumpLoraConfig,
+    TaskLedger,
+    iter_jumplora_layers,
+)
 from jumplora_hf.ledger import main as ledger_cli
 
 TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
@@ -15,19 +21,32 @@ TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
 
 def _train(out, arch, method, tasks=3, dtype=torch.float32):
     args = ContinualSeq2SeqConfig(
-        output_dir=str(out), method=method, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=1e-2,
-        num_train_epochs=1, logging_steps=1, report_to="none", use_cpu=True, seed=7, disable_tqdm=True,
+        output_dir=str(out),
+        method=method,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-2,
+        num_train_epochs=1,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=7,
+        disable_tqdm=True,
         ella_lambda=[0.0, 100.0, 100.0] if "ella" in method else None,
     )
     model = TINY_MODELS[arch]().to(dtype)
-    trainer = ContinualSeq2SeqTrainer(model, args, tokenizer(), peft_config=JumpLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch]))
+    trainer = ContinualSeq2SeqTrainer(
+        model, args, tokenizer(), peft_config=JumpLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch])
+    )
     trainer.train_continual(task_stream(3)[:tasks])
     return trainer
 
 
 def _merged(trainer) -> dict[str, torch.Tensor]:
-    return {name.removeprefix("base_model.model.") + ".weight": layer.get_base_layer().weight.detach().clone()
-            for name, layer in iter_jumplora_layers(trainer.model)}
+    return {
+        name.removeprefix("base_model.model.") + ".weight": layer.get_base_layer().weight.detach().clone()
+        for name, layer in iter_jumplora_layers(trainer.model)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +69,9 @@ def test_rebuild_is_bit_identical_and_revert_matches_composing_the_others(runs, 
     ledger = TaskLedger(str(out))
     entries = ledger.entries()
     assert [e.name for e in entries] == ["task0", "task1", "task2"] and [e.index for e in entries] == [0, 1, 2]
-    assert all(e.metadata["method"] == method and e.metadata["steps"] == 4 and e.metadata["examples"] == 16 for e in entries)
+    assert all(
+        e.metadata["method"] == method and e.metadata["steps"] == 4 and e.metadata["examples"] == 16 for e in entries
+    )
     assert all(len(e.metadata["data_fingerprint"]) == 64 for e in entries)
     sparse = method.startswith("jumplora")
     for entry in entries:
@@ -95,15 +116,24 @@ def test_summary_and_cli(runs, tmp_path, capsys):
     _as_model("llama", merged).save_pretrained(merged_dir)
     assert ledger_cli(["verify", str(out), "--base", str(base_dir), "--model", str(merged_dir)]) == 0
     assert "bit-identical" in capsys.readouterr().out
-    assert ledger_cli(["rebuild", str(out), "--base", str(base_dir), "--tasks", "task0,task2", "--out", str(tmp_path / "r")]) == 0
-    assert ledger_cli(["revert", str(out), "--base", str(base_dir), "--task", "task1", "--out", str(tmp_path / "v")]) == 0
+    assert (
+        ledger_cli(
+            ["rebuild", str(out), "--base", str(base_dir), "--tasks", "task0,task2", "--out", str(tmp_path / "r")]
+        )
+        == 0
+    )
+    assert (
+        ledger_cli(["revert", str(out), "--base", str(base_dir), "--task", "task1", "--out", str(tmp_path / "v")]) == 0
+    )
     from transformers import LlamaForCausalLM
 
     a = LlamaForCausalLM.from_pretrained(tmp_path / "r").state_dict()
     b = LlamaForCausalLM.from_pretrained(tmp_path / "v").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # rebuilding {1, 3} is reverting 2
     assert ledger_cli(["verify", str(out), "--base", str(base_dir), "--model", str(tmp_path / "v")]) == 1
-    assert ledger_cli(["revert", str(out), "--base", str(base_dir), "--task", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        ledger_cli(["revert", str(out), "--base", str(base_dir), "--task", "nope", "--out", str(tmp_path / "x")]) == 2
+    )
     assert "no task 'nope'" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
@@ -115,9 +145,13 @@ def test_a_resumed_run_continues_the_same_ledger(tmp_path, runs):
     _train(part, "t5", "jumplora_inclora", tasks=3)  # resumed: trains the third task only
     files = sorted(os.listdir(part / "ledger"))
     assert files == sorted(os.listdir(full_out / "ledger"))
-    assert all(os.stat(part / "ledger" / name).st_mtime_ns == stamp for name, stamp in first_two.items())  # not rewritten
+    assert all(
+        os.stat(part / "ledger" / name).st_mtime_ns == stamp for name, stamp in first_two.items()
+    )  # not rewritten
     for name in files:
         ours = TaskLedger(str(part)).select([name.split("-", 2)[2].removesuffix(".safetensors")])[0].layers()
         full = TaskLedger(str(full_out)).select([name.split("-", 2)[2].removesuffix(".safetensors")])[0].layers()
         for module, update in ours.items():
-            assert torch.equal(update.indices, full[module].indices) and torch.equal(update.values, full[module].values)
+            assert torch.equal(update.indices, full[module].indices) and torch.equal(
+                update.values, full[module].values
+            )

@@ -11,8 +11,18 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "jumplora_hf")
 # Attributes and modules of torch / transformers / peft / accelerate / DeepSpeed that are private or undocumented.
-PRIVATE = ("ds_id", "ds_tensor", "_hp_mapping", "_register_custom_module", "_gen_kwargs", "_prepare_inputs",
-           "current_gradient_accumulation_steps", "model_accepts_loss_kwargs", "_buffer_dict", "_getframe")
+PRIVATE = (
+    "ds_id",
+    "ds_tensor",
+    "_hp_mapping",
+    "_register_custom_module",
+    "_gen_kwargs",
+    "_prepare_inputs",
+    "current_gradient_accumulation_steps",
+    "model_accepts_loss_kwargs",
+    "_buffer_dict",
+    "_getframe",
+)
 
 
 def _modules() -> dict[str, str]:
@@ -108,8 +118,12 @@ def test_openmp_waits_passively_unless_the_user_chose(preset, expected):
 
 
 def test_every_entry_point_sets_the_openmp_default_before_torch():
-    scripts = [os.path.join(ROOT, "recipes", n) for n in os.listdir(os.path.join(ROOT, "recipes")) if n.endswith(".py")]
-    scripts += [os.path.join(ROOT, "benchmarks", n) for n in os.listdir(os.path.join(ROOT, "benchmarks")) if n.endswith(".py")]
+    scripts = [
+        os.path.join(ROOT, "recipes", n) for n in os.listdir(os.path.join(ROOT, "recipes")) if n.endswith(".py")
+    ]
+    scripts += [
+        os.path.join(ROOT, "benchmarks", n) for n in os.listdir(os.path.join(ROOT, "benchmarks")) if n.endswith(".py")
+    ]
     for path in scripts:
         tree = ast.parse(open(path, encoding="utf-8").read())
         first_heavy = setdefault = None
@@ -117,9 +131,16 @@ def test_every_entry_point_sets_the_openmp_default_before_torch():
             text = ast.unparse(node)
             if setdefault is None and "OMP_WAIT_POLICY" in text and "setdefault" in text:
                 setdefault = index
-            if first_heavy is None and isinstance(node, (ast.Import, ast.ImportFrom)) and any(
-                heavy in text for heavy in ("torch", "transformers", "peft", "datasets", "jumplora_hf", "deepspeed")
+            if (
+                first_heavy is None
+                and isinstance(node, (ast.Import, ast.ImportFrom))
+                and any(
+                    heavy in text
+                    for heavy in ("torch", "transformers", "peft", "datasets", "jumplora_hf", "deepspeed")
+                )
             ):
                 first_heavy = index
         assert setdefault is not None, f"{path} does not set OMP_WAIT_POLICY"
-        assert first_heavy is None or setdefault < first_heavy, f"{path} imports a heavy package before OMP_WAIT_POLICY"
+        assert first_heavy is None or setdefault < first_heavy, (
+            f"{path} imports a heavy package before OMP_WAIT_POLICY"
+        )

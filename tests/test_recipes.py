@@ -6,18 +6,27 @@ import subprocess
 import sys
 
 import pytest
-from transformers import T5ForConditionalGeneration
 from tiny import keyword_task, tiny_t5, tokenizer
+from transformers import T5ForConditionalGeneration
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def _script(name, *args, launcher=()):
-    return subprocess.run([*launcher, os.path.join(ROOT, "recipes", name), *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [*launcher, os.path.join(ROOT, "recipes", name), *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
-@pytest.mark.parametrize("name,launcher", [("sc.py", (sys.executable,)), ("ls.py", (sys.executable, "-m", "accelerate.commands.launch"))])
+@pytest.mark.parametrize(
+    "name,launcher", [("sc.py", (sys.executable,)), ("ls.py", (sys.executable, "-m", "accelerate.commands.launch"))]
+)
 def test_help(name, launcher):
     done = _script(name, "--help", launcher=launcher)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -46,9 +55,30 @@ def tiny_setup(tmp_path_factory):
 def test_tiny_run_of_each_recipe(tiny_setup, name, order):
     out = tiny_setup / f"out_{name}"
     done = _script(
-        name, "--model_name_or_path", str(tiny_setup / "model"), "--data_dir", str(tiny_setup / "data"),
-        "--output_dir", str(out), "--method", "jumplora_ella", "--ella_lambda", "0", "100", "--per_device_train_batch_size", "4",
-        "--max_source_length", "128", "--jumplora_target_modules", "q", "v", "--use_cpu", "--disable_tqdm", "true", "--logging_steps", "1",
+        name,
+        "--model_name_or_path",
+        str(tiny_setup / "model"),
+        "--data_dir",
+        str(tiny_setup / "data"),
+        "--output_dir",
+        str(out),
+        "--method",
+        "jumplora_ella",
+        "--ella_lambda",
+        "0",
+        "100",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_source_length",
+        "128",
+        "--jumplora_target_modules",
+        "q",
+        "v",
+        "--use_cpu",
+        "--disable_tqdm",
+        "true",
+        "--logging_steps",
+        "1",
         launcher=(sys.executable,),
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -57,16 +87,33 @@ def test_tiny_run_of_each_recipe(tiny_setup, name, order):
     assert report["method"] == "jumplora_ella" and len(report["accuracy_matrix"]) == 2
     merged = T5ForConditionalGeneration.from_pretrained(out / "merged")  # the final merged model, a plain checkpoint
     assert not any("lora" in name for name in merged.state_dict())
-    for name in ("accuracy_matrix.csv", "accuracy_matrix.json", "per_task.csv", "accuracy_matrix.png", "sparsity_by_depth.png"):
+    for name in (
+        "accuracy_matrix.csv",
+        "accuracy_matrix.json",
+        "per_task.csv",
+        "accuracy_matrix.png",
+        "sparsity_by_depth.png",
+    ):
         assert (out / name).exists(), name  # the run's reports
     logged = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
     steps = [entry["step"] for entry in logged if "loss" in entry]
-    assert steps == sorted(steps) and steps[0] >= 1 and {entry["task"] for entry in logged if "loss" in entry} == {0, 1}
+    assert (
+        steps == sorted(steps) and steps[0] >= 1 and {entry["task"] for entry in logged if "loss" in entry} == {0, 1}
+    )
 
 
 def test_unloadable_model_names_the_offline_way(tiny_setup):
-    done = _script("sc.py", "--model_name_or_path", str(tiny_setup / "missing"), "--data_dir", str(tiny_setup / "data"),
-                   "--output_dir", str(tiny_setup / "never"), "--use_cpu", launcher=(sys.executable,))
+    done = _script(
+        "sc.py",
+        "--model_name_or_path",
+        str(tiny_setup / "missing"),
+        "--data_dir",
+        str(tiny_setup / "data"),
+        "--output_dir",
+        str(tiny_setup / "never"),
+        "--use_cpu",
+        launcher=(sys.executable,),
+    )
     assert done.returncode != 0
     assert "could not load model" in done.stderr and "make demo" in done.stderr
     assert not (tiny_setup / "never").exists()
@@ -82,6 +129,8 @@ def test_single_task_accuracies_are_read_only_from_a_finished_baseline_of_the_sa
         json.dumps({"single_task_baselines": True, "tasks": ["t0", "t1"], "single_task_accuracies": [0.5, 0.75]})
     )
     assert read_single_task_accuracies(str(tmp_path), ["t0", "t1"], explicit=True) == [0.5, 0.75]
-    assert read_single_task_accuracies(str(tmp_path), ["t0", "t1", "t2"], explicit=False) is None  # unfinished / other tasks
+    assert (
+        read_single_task_accuracies(str(tmp_path), ["t0", "t1", "t2"], explicit=False) is None
+    )  # unfinished / other tasks
     with pytest.raises(ValueError, match="not a finished --single_task_baselines run"):
         read_single_task_accuracies(str(tmp_path), ["t1", "t0"], explicit=True)

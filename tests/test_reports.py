@@ -8,7 +8,13 @@ import sys
 
 import pytest
 
-from jumplora_hf.bench.aggregation import PAPER_OA, aggregate_runs, format_paired_differences, format_table, paired_differences
+from jumplora_hf.bench.aggregation import (
+    PAPER_OA,
+    aggregate_runs,
+    format_paired_differences,
+    format_table,
+    paired_differences,
+)
 from jumplora_hf.bench.reports import parse_layer_name, trained_matrix, write_run_reports
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -17,12 +23,19 @@ PLOTS = ["accuracy_matrix.png", "bwt_per_task.png", "sparsity_overlap_per_task.p
 
 T5_LAYERS = [
     f"base_model.model.{stack}.block.{depth}.layer.{sub}.{attention}.{module}"
-    for stack, subs in (("encoder", [(0, "SelfAttention")]), ("decoder", [(0, "SelfAttention"), (1, "EncDecAttention")]))
+    for stack, subs in (
+        ("encoder", [(0, "SelfAttention")]),
+        ("decoder", [(0, "SelfAttention"), (1, "EncDecAttention")]),
+    )
     for depth in (0, 1)
     for sub, attention in subs
     for module in ("q", "v")
 ]
-LLAMA_LAYERS = [f"base_model.model.model.layers.{depth}.self_attn.{module}" for depth in range(4) for module in ("q_proj", "v_proj")]
+LLAMA_LAYERS = [
+    f"base_model.model.model.layers.{depth}.self_attn.{module}"
+    for depth in range(4)
+    for module in ("q_proj", "v_proj")
+]
 ACC = [[0.9, None, None], [0.7, 0.8, None], [0.5, 0.6, 1.0]]  # OA 0.7, BWT ((0.5-0.9)+(0.6-0.8))/2 = -0.3
 
 
@@ -31,17 +44,38 @@ def _per_layer(layers, mean):
     return {name: mean + (0.05 if i % 2 else -0.05) for i, name in enumerate(layers)}
 
 
-def make_report(acc=ACC, tasks=("t0", "t1", "t2"), method="jumplora_inclora", layers=T5_LAYERS, sparsity=(0.5, 0.6, 0.8),
-                jaccard=(None, 0.1, 0.05), single_task=None):
+def make_report(
+    acc=ACC,
+    tasks=("t0", "t1", "t2"),
+    method="jumplora_inclora",
+    layers=T5_LAYERS,
+    sparsity=(0.5, 0.6, 0.8),
+    jaccard=(None, 0.1, 0.05),
+    single_task=None,
+):
     """A report in the shape ContinualSeq2SeqTrainer.continual_report() returns (rows padded to the whole sequence)."""
     per_task = []
     for i, name in enumerate(tasks):
         overlap = None if jaccard[i] is None else {"mean": jaccard[i], "per_layer": _per_layer(layers, jaccard[i])}
-        per_task.append({"name": name, "overall_accuracy": None, "backward_transfer": None,
-                         "sparsity": {"mean": sparsity[i], "per_layer": _per_layer(layers, sparsity[i])},
-                         "jaccard_with_previous": overlap})
-    return {"method": method, "tasks": list(tasks), "accuracy_matrix": acc, "overall_accuracy": None, "backward_transfer": None,
-            "forward_transfer": None, "single_task_accuracies": single_task, "per_task": per_task}
+        per_task.append(
+            {
+                "name": name,
+                "overall_accuracy": None,
+                "backward_transfer": None,
+                "sparsity": {"mean": sparsity[i], "per_layer": _per_layer(layers, sparsity[i])},
+                "jaccard_with_previous": overlap,
+            }
+        )
+    return {
+        "method": method,
+        "tasks": list(tasks),
+        "accuracy_matrix": acc,
+        "overall_accuracy": None,
+        "backward_transfer": None,
+        "forward_transfer": None,
+        "single_task_accuracies": single_task,
+        "per_task": per_task,
+    }
 
 
 def write_run(run_dir, report):
@@ -59,7 +93,11 @@ def assert_png(path):
 
 def test_parse_layer_name_t5_and_llama():
     assert parse_layer_name("base_model.model.encoder.block.3.layer.0.SelfAttention.q") == ("encoder", 3, "q")
-    assert parse_layer_name("base_model.model.decoder.block.11.layer.1.EncDecAttention.v") == ("decoder", 11, "cross-v")
+    assert parse_layer_name("base_model.model.decoder.block.11.layer.1.EncDecAttention.v") == (
+        "decoder",
+        11,
+        "cross-v",
+    )
     assert parse_layer_name("base_model.model.model.layers.7.self_attn.q_proj") == ("", 7, "q_proj")
     assert parse_layer_name("base_model.model.lm_head") is None
 
@@ -68,12 +106,11 @@ def test_run_reports_tables_and_plots(tmp_path):
     report = make_report(single_task=[1.0, 1.0, 1.0])
     written = write_run_reports(str(tmp_path), report)
 
-    assert sorted(os.path.basename(p) for p in written) == sorted(["accuracy_matrix.csv", "accuracy_matrix.json", "per_task.csv", *PLOTS])
+    assert sorted(os.path.basename(p) for p in written) == sorted(
+        ["accuracy_matrix.csv", "accuracy_matrix.json", "per_task.csv", *PLOTS]
+    )
     assert (tmp_path / "accuracy_matrix.csv").read_text() == (
-        ",t0,t1,t2\n"
-        "after t0,0.9,,\n"
-        "after t1,0.7,0.8,\n"
-        "after t2,0.5,0.6,1\n"
+        ",t0,t1,t2\nafter t0,0.9,,\nafter t1,0.7,0.8,\nafter t2,0.5,0.6,1\n"
     )
     assert (tmp_path / "per_task.csv").read_text() == (
         "task,overall_accuracy,backward_transfer,sparsity_mean,jaccard_mean\n"
@@ -122,15 +159,23 @@ def runs(tmp_path):
     for seed, (a, b) in zip((42, 43, 44), [(0.3, 0.5), (0.5, 0.6), (0.7, 0.7)]):
         dirs.append(write_run(root / "order1" / "jumplora_inclora" / f"seed{seed}", make_report(acc=_last_row(a, b))))
     for seed in (42, 43):
-        dirs.append(write_run(root / "order1" / "inclora" / f"seed{seed}",
-                              make_report(method="inclora", sparsity=(0.0, 0.0, 0.0), single_task=[1.0, 1.0, 1.0])))
+        dirs.append(
+            write_run(
+                root / "order1" / "inclora" / f"seed{seed}",
+                make_report(method="inclora", sparsity=(0.0, 0.0, 0.0), single_task=[1.0, 1.0, 1.0]),
+            )
+        )
     dirs.append(write_run(root / "order4" / "ella" / "seed42", make_report(method="ella", tasks=("t2", "t1", "t0"))))
     return dirs
 
 
 def test_aggregate_mean_and_sample_std(runs):
     table = aggregate_runs(runs)
-    assert [(g.order, g.method, g.n) for g in table] == [("order1", "inclora", 2), ("order1", "jumplora_inclora", 3), ("order4", "ella", 1)]
+    assert [(g.order, g.method, g.n) for g in table] == [
+        ("order1", "inclora", 2),
+        ("order1", "jumplora_inclora", 3),
+        ("order4", "ella", 1),
+    ]
     jump = table[1]
     assert jump.overall_accuracy.mean == pytest.approx(0.7) and jump.overall_accuracy.std == pytest.approx(0.1)
     assert jump.backward_transfer.mean == pytest.approx(-0.3) and jump.backward_transfer.std == pytest.approx(0.15)
@@ -149,29 +194,58 @@ def test_aggregate_mean_and_sample_std(runs):
     assert "sample standard deviation (ddof=1)" in markdown
 
     lines = format_table(table, fmt="csv").splitlines()
-    assert lines[0] == ("order,method,n,oa_mean,oa_std,bwt_mean,bwt_std,fwt_mean,fwt_std,sparsity_mean,sparsity_std,paper_oa,notes")
-    assert lines[1].startswith("order1,inclora,2,") and lines[2].startswith("order4,ella,1,")  # methods in the paper's order
+    assert lines[0] == (
+        "order,method,n,oa_mean,oa_std,bwt_mean,bwt_std,fwt_mean,fwt_std,sparsity_mean,sparsity_std,paper_oa,notes"
+    )
+    assert lines[1].startswith("order1,inclora,2,") and lines[2].startswith(
+        "order4,ella,1,"
+    )  # methods in the paper's order
     assert lines[3] == "order1,jumplora_inclora,3,70,10,-30,15,,,80,0,,"
 
 
 def test_paired_differences_use_the_seeds_both_methods_finished(runs, tmp_path):
-    unfinished = make_report(method="inclora", acc=[[0.9, None, None], [0.7, 0.8, None]], tasks=("t0", "t1"), sparsity=(0.0, 0.0), jaccard=(None, 1.0))
+    unfinished = make_report(
+        method="inclora",
+        acc=[[0.9, None, None], [0.7, 0.8, None]],
+        tasks=("t0", "t1"),
+        sparsity=(0.0, 0.0),
+        jaccard=(None, 1.0),
+    )
     runs = runs + [write_run(tmp_path / "runs" / "order1" / "inclora" / "seed44", unfinished)]
     (pair,) = paired_differences(aggregate_runs(runs, allow_partial=True))  # no jumplora_ella on order4: no pair there
     # jumplora_inclora seeds 42, 43 (OA 0.6, 0.7; BWT -0.45, -0.3) against inclora (OA 0.7, BWT -0.3); seed 44 unfinished
-    assert (pair.order, pair.method, pair.baseline, pair.seeds) == ("order1", "jumplora_inclora", "inclora", ["seed42", "seed43"])
-    assert pair.overall_accuracy.mean == pytest.approx(-0.05) and pair.overall_accuracy.std == pytest.approx(0.1 / 2**0.5)
+    assert (pair.order, pair.method, pair.baseline, pair.seeds) == (
+        "order1",
+        "jumplora_inclora",
+        "inclora",
+        ["seed42", "seed43"],
+    )
+    assert pair.overall_accuracy.mean == pytest.approx(-0.05) and pair.overall_accuracy.std == pytest.approx(
+        0.1 / 2**0.5
+    )
     assert pair.backward_transfer.mean == pytest.approx(-0.075) and pair.backward_transfer.n == 2
-    assert "| order1 | JumpLoRA + IncLoRA − IncLoRA | 42, 43 | -5.0 ± 7.1 | -7.5 ± 10.6 |" in format_paired_differences([pair])
+    assert (
+        "| order1 | JumpLoRA + IncLoRA − IncLoRA | 42, 43 | -5.0 ± 7.1 | -7.5 ± 10.6 |"
+        in format_paired_differences([pair])
+    )
     assert format_paired_differences([]) == ""
 
 
 def test_single_task_baselines_give_fwt_and_are_not_rows(runs, tmp_path):
-    baseline = {"method": "jumplora_inclora", "tasks": ["t0", "t1", "t2"], "single_task_baselines": True,
-                "single_task_accuracies": [1.0, 1.0, 1.0], "per_task": [{"name": n, "sparsity": {"mean": 0.5}} for n in ("t0", "t1", "t2")]}
+    baseline = {
+        "method": "jumplora_inclora",
+        "tasks": ["t0", "t1", "t2"],
+        "single_task_baselines": True,
+        "single_task_accuracies": [1.0, 1.0, 1.0],
+        "per_task": [{"name": n, "sparsity": {"mean": 0.5}} for n in ("t0", "t1", "t2")],
+    }
     extra = [write_run(tmp_path / "runs" / "order1" / "single_task" / f"seed{seed}", baseline) for seed in (42, 43)]
     table = aggregate_runs(runs + extra)
-    assert [(g.order, g.method) for g in table] == [("order1", "inclora"), ("order1", "jumplora_inclora"), ("order4", "ella")]
+    assert [(g.order, g.method) for g in table] == [
+        ("order1", "inclora"),
+        ("order1", "jumplora_inclora"),
+        ("order4", "ella"),
+    ]
     fwt = table[1].forward_transfer  # seeds 42 and 43 have a baseline, seed 44 has none
     assert fwt.n == 2 and fwt.mean == pytest.approx(-0.1) and fwt.std == pytest.approx(0.0)
     assert "| JumpLoRA + IncLoRA | -10.0 ± 0.0 (n=2) |" in format_table(table)
@@ -180,11 +254,15 @@ def test_single_task_baselines_give_fwt_and_are_not_rows(runs, tmp_path):
 
 
 def test_aggregate_refuses_mismatched_and_unfinished_runs(runs, tmp_path):
-    other = write_run(tmp_path / "runs" / "order1" / "jumplora_inclora" / "seed45", make_report(tasks=("t0", "t2", "t1")))
+    other = write_run(
+        tmp_path / "runs" / "order1" / "jumplora_inclora" / "seed45", make_report(tasks=("t0", "t2", "t1"))
+    )
     with pytest.raises(ValueError, match="different task lists"):
         aggregate_runs(runs + [other])
 
-    unfinished_report = make_report(acc=[[0.9, None, None], [0.7, 0.8, None]], tasks=("t0", "t1"), sparsity=(0.5, 0.6), jaccard=(None, 0.1))
+    unfinished_report = make_report(
+        acc=[[0.9, None, None], [0.7, 0.8, None]], tasks=("t0", "t1"), sparsity=(0.5, 0.6), jaccard=(None, 0.1)
+    )
     assert trained_matrix(unfinished_report) == [[0.9, None], [0.7, 0.8]]
     unfinished = write_run(tmp_path / "runs" / "order1" / "jumplora_inclora" / "seed46", unfinished_report)
     with pytest.raises(ValueError, match="unfinished.*seed46.*2/3 tasks.*allow_partial"):
@@ -205,13 +283,27 @@ def test_order_label_from_mapping_or_layout(tmp_path):
 
 
 def test_aggregate_script(tmp_path):
-    seeds = [write_run(tmp_path / "runs" / "order1" / "jumplora_inclora" / f"seed{seed}", make_report(acc=_last_row(a, b)))
-             for seed, (a, b) in ((42, (0.3, 0.5)), (43, (0.7, 0.7)))]
+    seeds = [
+        write_run(tmp_path / "runs" / "order1" / "jumplora_inclora" / f"seed{seed}", make_report(acc=_last_row(a, b)))
+        for seed, (a, b) in ((42, (0.3, 0.5)), (43, (0.7, 0.7)))
+    ]
     out = tmp_path / "docs" / "results_table.md"
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "recipes", "aggregate.py"), *seeds, "--out", str(out), "--plots"],
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "recipes", "aggregate.py"), *seeds, "--out", str(out), "--plots"],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "| JumpLoRA + IncLoRA | 70.0 ± 14.1 |" in done.stdout and "n = 2 run(s) per cell unless shown" in done.stdout
+    assert (
+        "| JumpLoRA + IncLoRA | 70.0 ± 14.1 |" in done.stdout and "n = 2 run(s) per cell unless shown" in done.stdout
+    )
     assert out.read_text() == done.stdout
     for seed in seeds:
         for name in PLOTS:
@@ -223,14 +315,25 @@ def test_aggregate_script(tmp_path):
     csv_text = recipe.main([*seeds, "--format", "csv"])
     assert csv_text.splitlines()[1].startswith("order1,jumplora_inclora,2,70,14.142136,")
     with pytest.raises(SystemExit, match="different task lists"):
-        recipe.main([*seeds, write_run(tmp_path / "runs" / "order1" / "jumplora_inclora" / "seed44", make_report(tasks=("t1", "t0", "t2")))])
+        recipe.main(
+            [
+                *seeds,
+                write_run(
+                    tmp_path / "runs" / "order1" / "jumplora_inclora" / "seed44", make_report(tasks=("t1", "t0", "t2"))
+                ),
+            ]
+        )
 
 
 def test_mean_matrices_script_averages_finished_runs(runs, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("mean_matrices", os.path.join(ROOT, "benchmarks", "mean_matrices.py"))
+    spec = importlib.util.spec_from_file_location(
+        "mean_matrices", os.path.join(ROOT, "benchmarks", "mean_matrices.py")
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    unfinished = make_report(acc=[[0.1, None, None], [0.1, 0.1, None]], tasks=("t0", "t1"), sparsity=(0.5, 0.6), jaccard=(None, 0.1))
+    unfinished = make_report(
+        acc=[[0.1, None, None], [0.1, 0.1, None]], tasks=("t0", "t1"), sparsity=(0.5, 0.6), jaccard=(None, 0.1)
+    )
     write_run(tmp_path / "runs" / "order1" / "jumplora_inclora" / "seed45", unfinished)
     script.main([str(tmp_path / "runs"), "order1"])
     out = capsys.readouterr().out

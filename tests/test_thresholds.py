@@ -9,7 +9,10 @@ TARGETS = {"t5": ["q", "k", "v", "o", "wi"], "llama": ["q_proj", "v_proj", "up_p
 
 
 def _model(arch, threshold_mode, seed=0):
-    model = get_jumplora_model(TINY_MODELS[arch](), JumpLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], threshold_mode=threshold_mode))
+    model = get_jumplora_model(
+        TINY_MODELS[arch](),
+        JumpLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], threshold_mode=threshold_mode),
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in iter_jumplora_layers(model):
@@ -25,17 +28,19 @@ def test_surviving_count_equals_adapter_parameter_count(arch, threshold_mode):
     groups = threshold_groups(model)
     assert len(taus) == len(groups) > 0
     for layers in groups.values():
-        budget = sum(l.lora_A["default"].weight.numel() + l.lora_B["default"].weight.numel() for l in layers)
-        survivors = sum(int((l.final_delta("default") != 0).sum()) for l in layers)
+        budget = sum(
+            layer.lora_A["default"].weight.numel() + layer.lora_B["default"].weight.numel() for layer in layers
+        )
+        survivors = sum(int((layer.final_delta("default") != 0).sum()) for layer in layers)
         assert survivors == budget
-        assert all(l.jump_tau_ready["default"] for l in layers)
+        assert all(layer.jump_tau_ready["default"] for layer in layers)
 
 
 @pytest.mark.parametrize("threshold_mode", ["global", "per_block", "per_module"])
 def test_streaming_select_equals_kthvalue(threshold_mode):
     model = _model("t5", threshold_mode, seed=3)
     for layers in threshold_groups(model).values():
-        flat = torch.cat([l.delta_weight("default").detach().abs().flatten() for l in layers])
+        flat = torch.cat([layer.delta_weight("default").detach().abs().flatten() for layer in layers])
         for rank in (1, 7, flat.numel() // 2, flat.numel()):
             assert kth_smallest_abs_delta(layers, "default", rank) == torch.kthvalue(flat, rank).values.item()
 
@@ -48,7 +53,9 @@ def test_per_block_groups_are_transformer_blocks():
 
 def test_group_with_more_adapter_parameters_than_entries_keeps_everything():
     # r = 16 on 32×32 q/v: A+B has 1024 parameters, ΔW 1024 entries
-    model = get_jumplora_model(TINY_MODELS["t5"](), JumpLoraConfig(r=16, lora_alpha=16, target_modules=["q"], threshold_mode="per_module"))
+    model = get_jumplora_model(
+        TINY_MODELS["t5"](), JumpLoraConfig(r=16, lora_alpha=16, target_modules=["q"], threshold_mode="per_module")
+    )
     with torch.no_grad():
         for _, layer in iter_jumplora_layers(model):
             layer.lora_B["default"].weight.normal_()

@@ -17,17 +17,26 @@ from jumplora_hf import (
     end_task,
     iter_jumplora_layers,
 )
-from jumplora_hf.sequence import TaskSpan
 from jumplora_hf.metrics import pack_support
+from jumplora_hf.sequence import TaskSpan
 
 TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
 
 
 def _args(tmp_path, method="jumplora_inclora", **overrides):
     values = dict(
-        output_dir=str(tmp_path / "out"), method=method, per_device_train_batch_size=4, per_device_eval_batch_size=8,
-        learning_rate=1e-2, num_train_epochs=1, logging_steps=1, report_to="none", use_cpu=True, seed=7,
-        disable_tqdm=True, ella_lambda=[0.0, 100.0, 100.0] if "ella" in method else None,
+        output_dir=str(tmp_path / "out"),
+        method=method,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-2,
+        num_train_epochs=1,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=7,
+        disable_tqdm=True,
+        ella_lambda=[0.0, 100.0, 100.0] if "ella" in method else None,
     )
     values.update(overrides)
     return ContinualSeq2SeqConfig(**values)
@@ -50,7 +59,9 @@ class _TaskStartProbe(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if state.global_step not in {span.first_step for span in self.trainer.task_spans}:
             return
-        self.delta_is_zero.append(all(not layer.delta_weight("default").any() for _, layer in iter_jumplora_layers(model)))
+        self.delta_is_zero.append(
+            all(not layer.delta_weight("default").any() for _, layer in iter_jumplora_layers(model))
+        )
         self.optimizers.append(optimizer)
         self.state_sizes.append(len(optimizer.state))
         self.first_lrs.append(optimizer.param_groups[0]["lr"])
@@ -110,7 +121,9 @@ def test_ella_term_counts_once_per_optimizer_step_under_gradient_accumulation(tm
     for _ in range(2):  # a merged past task (W_past ≠ 0), then a current adapter with ΔW ≠ 0
         with torch.no_grad():
             for _, layer in iter_jumplora_layers(model):
-                layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=gen) * 0.1)
+                layer.lora_B["default"].weight.copy_(
+                    torch.randn(layer.lora_B["default"].weight.shape, generator=gen) * 0.1
+                )
         if not any(layer.ella_w_past is not None for _, layer in iter_jumplora_layers(model)):
             end_task(model, accumulate_w_past=True)
     encoded = encode_task(task_stream(1)[0], trainer.processing_class, True, 512)
@@ -119,12 +132,16 @@ def test_ella_term_counts_once_per_optimizer_step_under_gradient_accumulation(tm
     penalty = 100.0 * ella_penalty(model).item()
     assert penalty > 0
     # the second task begins: the regulariser takes its λ and the layers record their terms
-    trainer.ella.on_task_begin(trainer.args, trainer.state, trainer.control, task=TaskSpan(1, 4, 0, 4, "t"), model=model)
+    trainer.ella.on_task_begin(
+        trainer.args, trainer.state, trainer.control, task=TaskSpan(1, 4, 0, 4, "t"), model=model
+    )
     assert trainer.ella.lam == 100.0
     trainer.current_gradient_accumulation_steps = 2
     cross_entropy = super(ContinualSeq2SeqTrainer, trainer).compute_loss
     # normalised over the whole accumulated batch: the Trainer will not divide, so the term is divided here
-    added = trainer.compute_loss(model, dict(batch), num_items_in_batch=items) - cross_entropy(model, dict(batch), num_items_in_batch=items)
+    added = trainer.compute_loss(model, dict(batch), num_items_in_batch=items) - cross_entropy(
+        model, dict(batch), num_items_in_batch=items
+    )
     assert added.item() == pytest.approx(penalty / 2, rel=1e-4)
     # a per-micro-batch mean: the Trainer divides the whole loss by the accumulation steps itself
     added = trainer.compute_loss(model, dict(batch)) - cross_entropy(model, dict(batch))
@@ -221,7 +238,9 @@ def test_restart_with_other_tasks_is_refused(tmp_path):
 
 def test_single_task_baselines_train_every_task_from_the_base_model(tmp_path):
     trainer = _trainer(tmp_path, "t5", "jumplora_inclora", single_task_baselines=True)
-    before = {name: layer.get_base_layer().weight.detach().clone() for name, layer in iter_jumplora_layers(trainer.model)}
+    before = {
+        name: layer.get_base_layer().weight.detach().clone() for name, layer in iter_jumplora_layers(trainer.model)
+    }
     report = trainer.train_continual(task_stream(2))
     assert report["single_task_baselines"] and len(report["single_task_accuracies"]) == 2
     matrix = trainer.record.accuracy_matrix

@@ -18,8 +18,17 @@ def tokenizer() -> ByT5Tokenizer:
 def tiny_t5(seed: int = 0, d_model: int = 32, layers: int = 2, **overrides) -> T5ForConditionalGeneration:
     torch.manual_seed(seed)
     defaults = dict(
-        vocab_size=384, d_model=d_model, d_ff=2 * d_model, num_layers=layers, num_decoder_layers=layers, num_heads=2,
-        d_kv=d_model // 2, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        vocab_size=384,
+        d_model=d_model,
+        d_ff=2 * d_model,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=2,
+        d_kv=d_model // 2,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
     )
     return T5ForConditionalGeneration(T5Config(**{**defaults, **overrides}))
 
@@ -27,9 +36,17 @@ def tiny_t5(seed: int = 0, d_model: int = 32, layers: int = 2, **overrides) -> T
 def tiny_llama(seed: int = 0, hidden: int = 32, layers: int = 2, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     defaults = dict(
-        vocab_size=384, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
-        bos_token_id=None, eos_token_id=1, tie_word_embeddings=False,
+        vocab_size=384,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=1,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(LlamaConfig(**{**defaults, **overrides}))
 

@@ -22,8 +22,22 @@ METHOD_ORDER = tuple(METHODS)  # the registry's order: IncLoRA, ELLA, JumpLoRA +
 PAPER_OA = {
     "inclora": {"order1": 59.25, "order2": 58.69, "order3": 69.86, "order4": 56.83, "order5": 56.40, "order6": 54.32},
     "ella": {"order1": 78.09, "order2": 78.37, "order3": 78.23, "order4": 72.64, "order5": 67.91, "order6": 74.15},
-    "jumplora_inclora": {"order1": 70.76, "order2": 69.26, "order3": 74.78, "order4": 65.35, "order5": 61.84, "order6": 64.06},
-    "jumplora_ella": {"order1": 78.84, "order2": 79.05, "order3": 78.67, "order4": 73.60, "order5": 68.76, "order6": 75.81},
+    "jumplora_inclora": {
+        "order1": 70.76,
+        "order2": 69.26,
+        "order3": 74.78,
+        "order4": 65.35,
+        "order5": 61.84,
+        "order6": 64.06,
+    },
+    "jumplora_ella": {
+        "order1": 78.84,
+        "order2": 79.05,
+        "order3": 78.67,
+        "order4": 73.60,
+        "order5": 68.76,
+        "order6": 75.81,
+    },
 }
 
 _SEED_DIR = re.compile(r"seed\d+")
@@ -84,7 +98,9 @@ def _method_key(method: str) -> tuple:
     return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
 
 
-def aggregate_runs(run_dirs: Iterable[str], labels: Mapping[str, str] | None = None, allow_partial: bool = False) -> list[GroupResult]:
+def aggregate_runs(
+    run_dirs: Iterable[str], labels: Mapping[str, str] | None = None, allow_partial: bool = False
+) -> list[GroupResult]:
     """Group runs by (task order, method) and give mean ± sample std (ddof=1) over each group's runs.
 
     The order label comes from `labels` (run dir → label) or else from the run dir layout (`run_label`). A group
@@ -112,7 +128,9 @@ def aggregate_runs(run_dirs: Iterable[str], labels: Mapping[str, str] | None = N
             continue
         report = load_report(run_dir)
         baseline = bool(report.get("single_task_baselines"))
-        order = labels.get(os.path.normpath(run_dir)) or run_label(run_dir, "single_task" if baseline else report["method"])
+        order = labels.get(os.path.normpath(run_dir)) or run_label(
+            run_dir, "single_task" if baseline else report["method"]
+        )
         if baseline:
             baselines[order, _seed_name(run_dir)] = report
         else:
@@ -137,7 +155,9 @@ def _single_task_accuracies(run_dir: str, report: Mapping, order: str, baselines
     return baseline["single_task_accuracies"]
 
 
-def _summarize_group(order: str, method: str, runs: list[tuple[str, dict]], allow_partial: bool, baselines: Mapping) -> GroupResult:
+def _summarize_group(
+    order: str, method: str, runs: list[tuple[str, dict]], allow_partial: bool, baselines: Mapping
+) -> GroupResult:
     where = f"{order} / {method}"
     notes = []
     unfinished = [(d, r) for d, r in runs if not is_finished(r)]
@@ -198,7 +218,9 @@ class PairedDifference:
     backward_transfer: Stat | None
 
 
-def paired_differences(table: Sequence[GroupResult], pairs: Sequence[tuple[str, str]] = JUMPLORA_PAIRS) -> list[PairedDifference]:
+def paired_differences(
+    table: Sequence[GroupResult], pairs: Sequence[tuple[str, str]] = JUMPLORA_PAIRS
+) -> list[PairedDifference]:
     """For each (method, baseline) of `pairs` present on an order: mean ± std over the seeds (run dir names
     `seed<N>`) that both finished, of the per-seed differences in OA and BWT."""
     cells = {(g.order, g.method): g for g in table}
@@ -213,9 +235,16 @@ def paired_differences(table: Sequence[GroupResult], pairs: Sequence[tuple[str, 
                 continue
 
             def difference(key: str) -> Stat | None:
-                return _stat(None if ours[s][key] is None or theirs[s][key] is None else ours[s][key] - theirs[s][key] for s in seeds)
+                return _stat(
+                    None if ours[s][key] is None or theirs[s][key] is None else ours[s][key] - theirs[s][key]
+                    for s in seeds
+                )
 
-            differences.append(PairedDifference(order, method, baseline, seeds, difference("overall_accuracy"), difference("backward_transfer")))
+            differences.append(
+                PairedDifference(
+                    order, method, baseline, seeds, difference("overall_accuracy"), difference("backward_transfer")
+                )
+            )
     return differences
 
 
@@ -232,7 +261,9 @@ def format_paired_differences(differences: Sequence[PairedDifference]) -> str:
     for d in differences:
         seeds = ", ".join(s.removeprefix("seed") for s in d.seeds)
         comparison = f"{display_name(d.method)} − {display_name(d.baseline)}"
-        lines.append(f"| {d.order} | {comparison} | {seeds} | {_cell(d.overall_accuracy, len(d.seeds))} | {_cell(d.backward_transfer, len(d.seeds))} |")
+        lines.append(
+            f"| {d.order} | {comparison} | {seeds} | {_cell(d.overall_accuracy, len(d.seeds))} | {_cell(d.backward_transfer, len(d.seeds))} |"
+        )
     return "\n".join(lines) + "\n\nMean ± sample standard deviation (ddof=1) of the per-seed differences.\n"
 
 
@@ -257,7 +288,9 @@ def _cell(stat: Stat | None, common_n: int | None) -> str:
     return text if stat.n == common_n else f"{text} (n={stat.n})"
 
 
-def format_table(table: Sequence[GroupResult], fmt: str = "markdown", paper: Mapping[str, Mapping[str, float]] | None = None) -> str:
+def format_table(
+    table: Sequence[GroupResult], fmt: str = "markdown", paper: Mapping[str, Mapping[str, float]] | None = None
+) -> str:
     """Markdown: one table per metric (OA, BWT, and FWT / sparsity when present), methods as rows and task orders
     as columns, cells "mean ± std" in percent with one decimal. `paper` ({method: {order: OA %}}, e.g.
     `PAPER_OA`) adds a "(paper)" column after each order it covers in the OA table.
@@ -268,14 +301,29 @@ def format_table(table: Sequence[GroupResult], fmt: str = "markdown", paper: Map
         raise ValueError(f"fmt must be 'markdown' or 'csv', got {fmt!r}")
     paper = paper or {}
     if fmt == "csv":
-        header = ["order", "method", "n"] + [f"{short}_{part}" for _, short, _ in _TABLE_METRICS for part in ("mean", "std")]
+        header = ["order", "method", "n"] + [
+            f"{short}_{part}" for _, short, _ in _TABLE_METRICS for part in ("mean", "std")
+        ]
         lines = [header + ["paper_oa", "notes"]]
         for group in sorted(table, key=lambda g: (_method_key(g.method), _natural_key(g.order))):
             values = []
             for attr, _, _ in _TABLE_METRICS:
                 stat = getattr(group, attr)
-                values += ["", ""] if stat is None else [format_number(100 * stat.mean), format_number(None if stat.std is None else 100 * stat.std)]
-            lines.append([group.order, group.method, group.n, *values, format_number(paper.get(group.method, {}).get(group.order)), "; ".join(group.notes)])
+                values += (
+                    ["", ""]
+                    if stat is None
+                    else [format_number(100 * stat.mean), format_number(None if stat.std is None else 100 * stat.std)]
+                )
+            lines.append(
+                [
+                    group.order,
+                    group.method,
+                    group.n,
+                    *values,
+                    format_number(paper.get(group.method, {}).get(group.order)),
+                    "; ".join(group.notes),
+                ]
+            )
         return csv_text(lines)
 
     orders = sorted({g.order for g in table}, key=_natural_key)
@@ -289,9 +337,15 @@ def format_table(table: Sequence[GroupResult], fmt: str = "markdown", paper: Map
             continue
         columns = [(order, False) for order in orders]
         if attr == "overall_accuracy":
-            columns = [c for order in orders for c in [(order, False)] + ([(order, True)] if any(order in p for p in paper.values()) else [])]
+            columns = [
+                c
+                for order in orders
+                for c in [(order, False)] + ([(order, True)] if any(order in p for p in paper.values()) else [])
+            ]
         lines = [
-            "| Method | " + " | ".join(f"{order} (paper)" if is_paper else order for order, is_paper in columns) + " |",
+            "| Method | "
+            + " | ".join(f"{order} (paper)" if is_paper else order for order, is_paper in columns)
+            + " |",
             "|:--|" + "--:|" * len(columns),
         ]
         for method in methods:

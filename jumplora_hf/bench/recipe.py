@@ -83,7 +83,9 @@ def parse_recipe_args(argv: list[str], default_order: str, prog: str = "recipe",
     recipe.data_dir = resolve_data_dir(recipe.data_dir)
     check_data(recipe.data_dir, recipe.order)
     if training.output_dir == AUTO:
-        training.output_dir = default_run_dir(recipe, training, "single_task" if training.single_task_baselines else training.method)
+        training.output_dir = default_run_dir(
+            recipe, training, "single_task" if training.single_task_baselines else training.method
+        )
     return recipe, adapters, training
 
 
@@ -148,7 +150,12 @@ def run(recipe: RecipeArguments, adapters, training) -> dict:
 
     with user_errors():
         tasks = load_cl_benchmark(
-            recipe.data_dir, recipe.order, recipe.eval_split, recipe.max_train_examples, recipe.max_eval_examples, training.seed
+            recipe.data_dir,
+            recipe.order,
+            recipe.eval_split,
+            recipe.max_train_examples,
+            recipe.max_eval_examples,
+            training.seed,
         )
         peft_config = adapters.to_peft_config().with_gate(training.uses_jumprelu, training.method)
         a0 = None
@@ -160,7 +167,9 @@ def run(recipe: RecipeArguments, adapters, training) -> dict:
     with user_errors(training.output_dir):
         check_target_modules(model, peft_config)
         encode_tasks(tasks, tokenizer, bool(model.config.is_encoder_decoder), training, a0)
-        trainer = ContinualSeq2SeqTrainer(model, training, tokenizer, peft_config=peft_config, callbacks=[log_history_file()])
+        trainer = ContinualSeq2SeqTrainer(
+            model, training, tokenizer, peft_config=peft_config, callbacks=[log_history_file()]
+        )
     report = trainer.train_continual(tasks, single_task_accuracies=a0)
     if not training.single_task_baselines:
         if recipe.save_merged:

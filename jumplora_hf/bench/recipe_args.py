@@ -37,16 +37,32 @@ class RecipeError(Exception):
 class RecipeArguments:
     """What to train on, where the model is, and what to write besides the run's reports."""
 
-    model_name_or_path: str = field(default="google-t5/t5-large", metadata={"help": "Hub id or local folder of the base model."})
+    model_name_or_path: str = field(
+        default="google-t5/t5-large", metadata={"help": "Hub id or local folder of the base model."}
+    )
     data_dir: str = field(
         default=AUTO,
-        metadata={"help": f"Benchmark folder <task>/{{train,dev,test,labels}}.json (default: ${DATA_DIR_ENV}, else {DEFAULT_DATA_DIR})."},
+        metadata={
+            "help": f"Benchmark folder <task>/{{train,dev,test,labels}}.json (default: ${DATA_DIR_ENV}, else {DEFAULT_DATA_DIR})."
+        },
     )
-    order: str = field(default="order1", metadata={"help": "An order of the folder's orders.json (order1-order6) or comma-separated task names."})
-    eval_split: str = field(default="dev", metadata={"help": "'dev' to tune, 'test' to report.", "choices": ["dev", "test"]})
-    max_train_examples: int | None = field(default=None, metadata={"help": "Subsample each task's training split (small runs)."})
-    max_eval_examples: int | None = field(default=None, metadata={"help": "Subsample each task's evaluation split (small runs)."})
-    save_merged: bool = field(default=True, metadata={"help": "Save the final merged model to <output_dir>/merged (a plain transformers checkpoint)."})
+    order: str = field(
+        default="order1",
+        metadata={"help": "An order of the folder's orders.json (order1-order6) or comma-separated task names."},
+    )
+    eval_split: str = field(
+        default="dev", metadata={"help": "'dev' to tune, 'test' to report.", "choices": ["dev", "test"]}
+    )
+    max_train_examples: int | None = field(
+        default=None, metadata={"help": "Subsample each task's training split (small runs)."}
+    )
+    max_eval_examples: int | None = field(
+        default=None, metadata={"help": "Subsample each task's evaluation split (small runs)."}
+    )
+    save_merged: bool = field(
+        default=True,
+        metadata={"help": "Save the final merged model to <output_dir>/merged (a plain transformers checkpoint)."},
+    )
     single_task_dir: str = field(
         default=AUTO,
         metadata={
@@ -122,11 +138,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def light_parser(prog: str, description: str, default_order: str) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    parser = _Parser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False
+    )
     parser.add_argument("-h", "--help", action="store_true", help="show the recipe's flags and exit")
-    parser.add_argument("--help-all", action="store_true", help="also list every ContinualSeq2SeqConfig / Trainer flag")
+    parser.add_argument(
+        "--help-all", action="store_true", help="also list every ContinualSeq2SeqConfig / Trainer flag"
+    )
     _add_dataclass(parser.add_argument_group("recipe"), RecipeArguments, {"order": default_order})
-    _add_dataclass(parser.add_argument_group("adapters (JumpLoraArguments)"), JumpLoraArguments, RECIPE_ADAPTER_DEFAULTS)
+    _add_dataclass(
+        parser.add_argument_group("adapters (JumpLoraArguments)"), JumpLoraArguments, RECIPE_ADAPTER_DEFAULTS
+    )
     training = parser.add_argument_group(
         "training (ContinualSeq2SeqConfig: every Seq2SeqTrainingArguments flag too; --help-all lists them)",
         f"  --method {{{','.join(METHODS)}}}   --ella_lambda λ [λ ...] | auto   --tau_lr_multiplier M\n"

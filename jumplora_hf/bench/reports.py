@@ -37,7 +37,9 @@ _MAX_MODULE_LINES = 4
 def load_report(run_dir: str) -> dict:
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: {run_dir} is not a run directory, or its first task has not finished")
+        raise FileNotFoundError(
+            f"{path} does not exist: {run_dir} is not a run directory, or its first task has not finished"
+        )
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -124,12 +126,16 @@ def write_run_reports(run_dir: str, report: Mapping | None = None) -> list[str]:
     """
     report = load_report(run_dir) if report is None else report
     if report.get("single_task_baselines"):
-        raise ValueError(f"{run_dir} holds single-task baselines (a0 for FWT), not a continual run: it has no accuracy matrix")
+        raise ValueError(
+            f"{run_dir} holds single-task baselines (a0 for FWT), not a continual run: it has no accuracy matrix"
+        )
     os.makedirs(run_dir, exist_ok=True)
     tasks = list(report["tasks"])
     summary = run_summary(report)
 
-    matrix_rows = [["", *tasks]] + [[f"after {name}", *map(format_number, row)] for name, row in zip(tasks, trained_matrix(report))]
+    matrix_rows = [["", *tasks]] + [
+        [f"after {name}", *map(format_number, row)] for name, row in zip(tasks, trained_matrix(report))
+    ]
     per_task = [["task", "overall_accuracy", "backward_transfer", "sparsity_mean", "jaccard_mean"]]
     per_task += [[row["task"], *(format_number(row[key]) for key in per_task[0][1:])] for row in per_task_rows(report)]
     written = [
@@ -141,7 +147,9 @@ def write_run_reports(run_dir: str, report: Mapping | None = None) -> list[str]:
         write_atomic(os.path.join(run_dir, "per_task.csv"), csv_text(per_task)),
     ]
     if importlib.util.find_spec("matplotlib") is None:
-        logger.warning("matplotlib is not installed, so %s gets the tables but no plots: pip install -e '.[plots]'", run_dir)
+        logger.warning(
+            "matplotlib is not installed, so %s gets the tables but no plots: pip install -e '.[plots]'", run_dir
+        )
         return written
     for plot, filename in (
         (plot_accuracy_matrix, "accuracy_matrix.png"),
@@ -195,13 +203,27 @@ def plot_accuracy_matrix(report: Mapping, path: str) -> str | None:
     fontsize = 9 if len(tasks) <= 8 else 6
     for (i, j), value in np.ndenumerate(values):
         if not math.isnan(value):
-            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=fontsize, color="white" if value < 50 else "black")
+            ax.text(
+                j,
+                i,
+                f"{value:.1f}",
+                ha="center",
+                va="center",
+                fontsize=fontsize,
+                color="white" if value < 50 else "black",
+            )
     ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
     ax.set_yticks(range(len(tasks)), [f"after {name}" for name in tasks])
     ax.set_xlabel("evaluated on")
     summary = run_summary(report)
     bwt = summary["backward_transfer"]
-    ax.set_title(_title(report, f"OA {_percent(summary['overall_accuracy']):.1f}%" + ("" if bwt is None else f", BWT {_percent(bwt):.1f}%")))
+    ax.set_title(
+        _title(
+            report,
+            f"OA {_percent(summary['overall_accuracy']):.1f}%"
+            + ("" if bwt is None else f", BWT {_percent(bwt):.1f}%"),
+        )
+    )
     return _save_png(fig, path)
 
 
@@ -231,7 +253,9 @@ def plot_sparsity_overlap_per_task(report: Mapping, path: str) -> str | None:
         return None
     overlap = [row for row in rows if row["jaccard_mean"] is not None]
     names = [row["task"] for row in rows]
-    fig, axes = _figure(max(5.0, 0.45 * len(rows) + 3.0), 5.5 if overlap else 3.5, rows=2 if overlap else 1, sharex=True)
+    fig, axes = _figure(
+        max(5.0, 0.45 * len(rows) + 3.0), 5.5 if overlap else 3.5, rows=2 if overlap else 1, sharex=True
+    )
     axes[0, 0].bar(range(len(rows)), [_percent(row["sparsity_mean"]) for row in rows], color="tab:blue")
     axes[0, 0].set_ylim(0.0, 100.0)
     axes[0, 0].set_ylabel("sparsity (%)")
@@ -264,7 +288,11 @@ def _sparsity_by_depth(per_layer: Mapping[str, float]) -> dict[tuple[str, str], 
         n = modules_per_stack[stack]
         return n > 1 if module == "all" else n <= _MAX_MODULE_LINES
 
-    return {key: {depth: float(np.mean(v)) for depth, v in sorted(by_depth.items())} for key, by_depth in values.items() if shown(*key)}
+    return {
+        key: {depth: float(np.mean(v)) for depth, v in sorted(by_depth.items())}
+        for key, by_depth in values.items()
+        if shown(*key)
+    }
 
 
 def plot_sparsity_by_depth(report: Mapping, path: str) -> str | None:
@@ -282,7 +310,9 @@ def plot_sparsity_by_depth(report: Mapping, path: str) -> str | None:
         return None
     panels = [(f"after {entries[-1]['name']}", last)]
     if len(per_layer) > 1:
-        mean_over_tasks = {name: float(np.mean([layers[name] for layers in per_layer if name in layers])) for name in per_layer[-1]}
+        mean_over_tasks = {
+            name: float(np.mean([layers[name] for layers in per_layer if name in layers])) for name in per_layer[-1]
+        }
         panels.append((f"mean over {len(per_layer)} tasks", _sparsity_by_depth(mean_over_tasks)))
     from matplotlib.ticker import MaxNLocator
 
@@ -293,9 +323,20 @@ def plot_sparsity_by_depth(report: Mapping, path: str) -> str | None:
         for (stack, module), by_depth in sorted(series.items()):
             name = ("(all modules)" if stack else "all modules") if module == "all" else module
             label = f"{stack} {name}" if stack else name
-            style = {"color": "black", "linewidth": 2.5} if module == "all" else {"color": colors[module], "linewidth": 1.2}
-            ax.plot(list(by_depth), [_percent(v) for v in by_depth.values()], marker="o", markersize=3,
-                    linestyle="--" if stack == "decoder" else "-", label=label, **style)
+            style = (
+                {"color": "black", "linewidth": 2.5}
+                if module == "all"
+                else {"color": colors[module], "linewidth": 1.2}
+            )
+            ax.plot(
+                list(by_depth),
+                [_percent(v) for v in by_depth.values()],
+                marker="o",
+                markersize=3,
+                linestyle="--" if stack == "decoder" else "-",
+                label=label,
+                **style,
+            )
         ax.set_title(title)
         ax.set_xlabel("layer depth (block index)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -42,7 +42,9 @@ def keyword_task(
     return ContinualTask(name, records(n_train), records(n_eval), options=options, instruction=f"Task {name}.")
 
 
-def keyword_task_stream(n_tasks: int, n_train: int, n_eval: int, filler: tuple[int, int] = (2, 5)) -> list[ContinualTask]:
+def keyword_task_stream(
+    n_tasks: int, n_train: int, n_eval: int, filler: tuple[int, int] = (2, 5)
+) -> list[ContinualTask]:
     return [
         keyword_task(f"task{i}", *KEYWORD_TASKS[i % len(KEYWORD_TASKS)], n_train, n_eval, seed=i, filler=filler)
         for i in range(n_tasks)
@@ -64,15 +66,45 @@ CATEGORY_RULES = [
 ]
 CONFLICT_OPTIONS = ["yes", "no"]
 # (singular, plural) nouns: an animal when the sentence mentions one, a plain object otherwise
-_ANIMALS = [("cat", "cats"), ("dog", "dogs"), ("horse", "horses"), ("bird", "birds"), ("rabbit", "rabbits"),
-            ("cow", "cows"), ("fox", "foxes"), ("duck", "ducks"), ("goat", "goats"), ("mouse", "mice")]
-_OBJECTS = [("box", "boxes"), ("chair", "chairs"), ("lamp", "lamps"), ("bag", "bags"), ("book", "books"),
-            ("ball", "balls"), ("hat", "hats"), ("kite", "kites"), ("clock", "clocks"), ("bottle", "bottles")]
+_ANIMALS = [
+    ("cat", "cats"),
+    ("dog", "dogs"),
+    ("horse", "horses"),
+    ("bird", "birds"),
+    ("rabbit", "rabbits"),
+    ("cow", "cows"),
+    ("fox", "foxes"),
+    ("duck", "ducks"),
+    ("goat", "goats"),
+    ("mouse", "mice"),
+]
+_OBJECTS = [
+    ("box", "boxes"),
+    ("chair", "chairs"),
+    ("lamp", "lamps"),
+    ("bag", "bags"),
+    ("book", "books"),
+    ("ball", "balls"),
+    ("hat", "hats"),
+    ("kite", "kites"),
+    ("clock", "clocks"),
+    ("bottle", "bottles"),
+]
 _COLORS = "red blue green yellow black white purple pink brown gray".split()
 _NUMBERS = "two three four five six seven eight nine ten twelve".split()
 _FOODS = "bread cheese rice soup cake pizza pasta cookies honey eggs".split()
-_PLACES = ["in the kitchen", "at the park", "in the forest", "near the river", "at the school", "in the garden",
-           "at the beach", "in the city", "at the market", "in the village"]
+_PLACES = [
+    "in the kitchen",
+    "at the park",
+    "in the forest",
+    "near the river",
+    "at the school",
+    "in the garden",
+    "at the beach",
+    "in the city",
+    "at the market",
+    "in the village",
+]
 _DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
 _OPENERS = ["I saw", "We found", "She painted", "They bought", "He drew", "You moved", "We cleaned", "I carried"]
 _DETERMINERS = ["a", "the", "my", "that", "our"]
@@ -138,7 +170,8 @@ def conflicting_task_stream(
     for (name, instruction), size in zip(CATEGORY_RULES[:n_tasks], train_sizes):
         rng = random.Random(f"{seed}-{name}")
         train, evaluation = (
-            [{**r, "label": "yes" if name in r["mentions"] else "no"} for r in conflicting_records(n, rng)] for n in (size, n_eval)
+            [{**r, "label": "yes" if name in r["mentions"] else "no"} for r in conflicting_records(n, rng)]
+            for n in (size, n_eval)
         )
         tasks.append(ContinualTask(name, train, evaluation, options=CONFLICT_OPTIONS, instruction=instruction))
     return tasks
