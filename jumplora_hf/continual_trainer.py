@@ -182,26 +182,79 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
             fingerprints,
             write_ledger=self.args.ledger and not self.args.single_task_baselines,
             ledger=saved.ledger if saved else (),
+            run_config=self.run_config(),
+            publisher=self._hub_publisher(),
         )
         for callback in list(self.callback_handler.callbacks):
             if isinstance(callback, (TaskSequence, RunDirectory)):
                 self.remove_callback(callback)
         # first in the list: a task has begun before any other callback's on_step_begin of its first step
         self.callback_handler.callbacks.insert(0, self.task_sequence)
-        for callback in (run_dir, *self._hub_publisher()):
-            self.add_callback(callback)
+        self.add_callback(run_dir)
         self.train()
         return record.report()
 
     def _validate_and_encode(self, tasks, single_task_accuracies) -> list[EncodedTask]:
         return encode_tasks(tasks, self.processing_class, self.is_encoder_decoder, self.args, single_task_accuracies)
 
-    def _hub_publisher(self) -> list:
-        if not self.args.push_to_hub:
-            return []
+    def _hub_publisher(self):
+        if not self.args.push_to_hub or self.args.single_task_baselines:
+            return None
         from .hub import HubPublisher
 
-        return [HubPublisher.from_trainer(self)]
+        return HubPublisher.from_trainer(self)
+
+    def run_config(self) -> dict:
+        """What the run dir's run_config.json (and the model card) say about the run."""
+        args, config = self.args, self.model.peft_config["default"]
+        base = getattr(self.model.get_base_model().config, "_name_or_path", None)
+        training = {
+            k: getattr(args, k)
+            for k in (
+                "method",
+                "learning_rate",
+                "lr_scheduler_type",
+                "per_device_train_batch_size",
+                "gradient_accumulation_steps",
+                "num_train_epochs",
+                "max_steps",
+                "seed",
+                "max_source_length",
+                "ella_lambda",
+                "ella_delta_mode",
+                "tau_lr_multiplier",
+            )
+        }
+        training["world_size"] = args.world_size
+        adapters = {
+            "r": config.r,
+            "lora_alpha": config.lora_alpha,
+            "target_modules": sorted(config.target_modules),
+            "threshold_mode": config.threshold_mode,
+            "s_start": config.s_start,
+            "s_final": config.s_final,
+            "jump_bandwidth": config.jump_bandwidth,
+        }
+        from . import __version__
+
+        return {"base_model": base, "package_version": __version__, "training": training, "adapters": adapters}
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = None,
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        **kwargs,
+    ) -> str | None:
+        """Publish the run (merged model, card, metrics, plots, ledger) in one commit; see jumplora_hf.hub. Every
+        process must call it (the merged model is gathered under ZeRO-3). Returns the commit id (main process)."""
+        from .hub import HubPublisher
+
+        publisher = HubPublisher.from_trainer(self)
+        if token is not None:
+            publisher.token = token
+        return publisher.push_final(self.continual_report())
 
     def evaluate_generation(self, task: EncodedTask) -> float:
         """The task's metric (exact match by default) on greedy generations for its eval prompts."""

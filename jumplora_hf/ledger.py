@@ -262,7 +262,8 @@ def _add(weight: torch.Tensor, update: LayerUpdate, sign: float) -> None:
 
 
 # ----------------------------------------------------------------------------- CLI
-def _load(path: str):
+def load_model(path: str):
+    """A transformers checkpoint (causal LM or seq2seq) in its own dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     config = AutoConfig.from_pretrained(path)
@@ -270,7 +271,8 @@ def _load(path: str):
     return auto.from_pretrained(path, dtype="auto")
 
 
-def _save(model, out: str, source: str) -> None:
+def save_model(model, out: str, source: str) -> None:
+    """`model` and, when `source` has one, its tokenizer into `out`."""
     model.save_pretrained(out)
     try:
         from transformers import AutoTokenizer
@@ -324,17 +326,17 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"{args.command} needs --base")
         tasks = args.tasks.split(",") if getattr(args, "tasks", None) else None
         if args.command == "rebuild":
-            _save(ledger.compose(_load(args.base), tasks), args.out, args.base)
+            save_model(ledger.compose(load_model(args.base), tasks), args.out, args.base)
         elif args.command == "revert":
             if args.base:
                 keep = [e.name for e in ledger.entries() if e not in ledger.select([args.task])]
-                _save(ledger.compose(_load(args.base), keep), args.out, args.base)
+                save_model(ledger.compose(load_model(args.base), keep), args.out, args.base)
             elif args.model:
-                _save(ledger.revert(_load(args.model), args.task), args.out, args.model)
+                save_model(ledger.revert(load_model(args.model), args.task), args.out, args.model)
             else:
                 parser.error("revert needs --base (exact: compose every other task) or --model (subtract)")
         else:
-            worst = ledger.verify(_load(args.model), _load(args.base), tasks)
+            worst = ledger.verify(load_model(args.model), load_model(args.base), tasks)
             print(f"max |model − (base + ledger)| = {worst:.3g}" + ("  (bit-identical)" if worst == 0 else ""))
             return 0 if worst == 0 else 1
     except (FileNotFoundError, ValueError) as error:

@@ -220,7 +220,8 @@ def saved_merged_weights(output_dir: str) -> dict[str, torch.Tensor]:
 
 
 class RunDirectory(ContinualCallback):
-    """Writes, after every task (main process only), the task's ledger file, the resume state and the report.
+    """Writes, after every task (main process only), the run's config, the task's ledger file, the resume state and
+    the report, and with a per-task Hub strategy pushes the model after the task (`publisher`, a hub.HubPublisher).
 
     All processes gather the merged weights (ZeRO-3); only the world main process writes. A resumed run continues
     the same ledger: the files of finished tasks are listed in the state and never written again.
@@ -232,11 +233,15 @@ class RunDirectory(ContinualCallback):
         task_metadata: dict[str, dict] | None = None,
         write_ledger: bool = True,
         ledger: Sequence[dict] = (),
+        run_config: dict | None = None,
+        publisher=None,
     ):
         self.output_dir = output_dir
         self.task_metadata = task_metadata or {}
         self.write_ledger = write_ledger
         self.ledger_files = list(ledger)
+        self.run_config = run_config
+        self.publisher = publisher
         self._pending: MergedTaskUpdate | None = None
 
     def on_task_end(self, args, state, control, update=None, **kwargs):
@@ -245,8 +250,15 @@ class RunDirectory(ContinualCallback):
     def on_task_evaluated(self, args, state, control, task=None, record=None, model=None, **kwargs):
         with gathered_adapters(model, include_base=True):  # every rank takes part in the ZeRO-3 gather
             tensors = merged_state(model)
-        if not state.is_world_process_zero:
-            return
+        if state.is_world_process_zero:
+            self._write(task, record, tensors)
+        self._pending = None
+        if self.publisher is not None and self.publisher.per_task:
+            self.publisher.push_task(task.index, task.name, record.report())  # every rank: the model is gathered
+
+    def _write(self, task, record: ContinualRecord, tensors: dict[str, torch.Tensor]) -> None:
+        if self.run_config is not None:
+            write_json_atomic(os.path.join(self.output_dir, "run_config.json"), self.run_config)
         if self.write_ledger and self._pending is not None and self._pending.layers:
             meta = {**self.task_metadata.get(task.name, {}), "steps": task.num_steps, "examples": task.num_examples}
             path = TaskLedger(self.output_dir).write_task(task.index, task.name, record.method, self._pending, meta)
@@ -254,7 +266,6 @@ class RunDirectory(ContinualCallback):
             self.ledger_files.append(
                 {"index": task.index, "file": os.path.relpath(path, self.output_dir), "sha256": sha256_file(path)}
             )
-        self._pending = None
         write_state(self.output_dir, record, tensors, self.ledger_files)
         write_json_atomic(os.path.join(self.output_dir, METRICS_FILE), record.report())
 

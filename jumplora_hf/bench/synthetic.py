@@ -51,127 +51,86 @@ def keyword_task_stream(
     ]
 
 
-# ----------------------------------------------------------------------------- a conflicting task stream
-# Categories a sentence can mention: (name, the task's instruction). Every task asks a yes/no question about
-# one category, over sentences that mention a random subset of all of them.
-# "animal" comes last: it is the only rule that no extra word or phrase gives away (the noun is there either
-# way), so a small model needs many more steps to learn it.
-CATEGORY_RULES = [
-    ("color", "Does the sentence mention a color?"),
-    ("number", "Does the sentence mention a number?"),
-    ("food", "Does the sentence mention any food?"),
-    ("place", "Does the sentence mention a place?"),
-    ("day", "Does the sentence mention a day of the week?"),
-    ("animal", "Does the sentence mention an animal?"),
+# ----------------------------------------------------------------------------- a stream shaped like Standard CL
+# Four tasks of different kinds, each with its own label set, over sentences of one distribution, as Standard CL's
+# dbpedia / amazon / yahoo / agnews are all short texts with their own label spaces. Every sentence has a topic, a
+# sentiment, a number and a noun; task i asks about one of them. No rule contradicts another (the label sets are
+# disjoint), so a model that keeps every skill answers all four, while one that drifts to the newest task answers the
+# old questions with the newest task's labels: forgetting as in Standard CL.
+_TOPIC_WORDS = {
+    "sports": ["the football match", "the tennis final", "the marathon", "the league table", "the new coach",
+               "the stadium", "the relay race", "the chess tournament"],
+    "food": ["the soup recipe", "the bakery", "the dinner menu", "the new chef", "the pasta dish", "the cake",
+             "the street food", "the cheese market"],
+    "weather": ["the storm", "the forecast", "the heatwave", "the snowfall", "the morning fog", "the rain",
+                "the strong wind", "the thunder"],
+    "music": ["the concert", "the new album", "the orchestra", "the guitar solo", "the choir", "the piano lesson",
+              "the band", "the song contest"],
+}
+_SENTIMENT_WORDS = {
+    "positive": ["great", "wonderful", "excellent", "lovely", "delightful", "superb", "pleasant", "brilliant"],
+    "negative": ["awful", "terrible", "dreadful", "boring", "horrible", "disappointing", "miserable", "dull"],
+}
+_NOUNS = [("cat", "cats"), ("child", "children"), ("box", "boxes"), ("mouse", "mice"), ("tooth", "teeth"), ("leaf", "leaves"),
+          ("city", "cities"), ("bus", "buses"), ("woman", "women"), ("knife", "knives"), ("horse", "horses"),
+          ("foot", "feet"), ("glass", "glasses"), ("story", "stories"), ("wolf", "wolves"), ("goose", "geese"),
+          ("tree", "trees"), ("man", "men"), ("baby", "babies"), ("fox", "foxes")]
+_WHO = ["my neighbour", "the teacher", "a friend", "my brother", "the old man", "our guide", "my aunt", "the student"]
+_FRAMES = [
+    "{Who} had a {adj} time with {topic} and saw the {noun} at {n} o'clock.",
+    "After {topic}, {who} felt {adj}, wrote {n} lines and drew the {noun}.",
+    "{Who} called {topic} {adj}; room {n} still has the {noun}.",
+    "A {adj} day: {who} followed {topic}, paid {n} euros and fed the {noun}.",
 ]
-CONFLICT_OPTIONS = ["yes", "no"]
-# (singular, plural) nouns: an animal when the sentence mentions one, a plain object otherwise
-_ANIMALS = [
-    ("cat", "cats"),
-    ("dog", "dogs"),
-    ("horse", "horses"),
-    ("bird", "birds"),
-    ("rabbit", "rabbits"),
-    ("cow", "cows"),
-    ("fox", "foxes"),
-    ("duck", "ducks"),
-    ("goat", "goats"),
-    ("mouse", "mice"),
+
+STANDARD_LIKE_TASKS = [
+    ("topic", "What is the sentence about?", ["sports", "food", "weather", "music"]),
+    ("sentiment", "Is the feeling in the sentence positive or negative?", ["positive", "negative"]),
+    ("parity", "Is the number in the sentence even or odd?", ["even", "odd"]),
+    ("plurality", "Is the noun after \"the\" at the end singular or plural?", ["singular", "plural"]),
 ]
-_OBJECTS = [
-    ("box", "boxes"),
-    ("chair", "chairs"),
-    ("lamp", "lamps"),
-    ("bag", "bags"),
-    ("book", "books"),
-    ("ball", "balls"),
-    ("hat", "hats"),
-    ("kite", "kites"),
-    ("clock", "clocks"),
-    ("bottle", "bottles"),
-]
-_COLORS = "red blue green yellow black white purple pink brown gray".split()
-_NUMBERS = "two three four five six seven eight nine ten twelve".split()
-_FOODS = "bread cheese rice soup cake pizza pasta cookies honey eggs".split()
-_PLACES = [
-    "in the kitchen",
-    "at the park",
-    "in the forest",
-    "near the river",
-    "at the school",
-    "in the garden",
-    "at the beach",
-    "in the city",
-    "at the market",
-    "in the village",
-]
-_DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
-_OPENERS = ["I saw", "We found", "She painted", "They bought", "He drew", "You moved", "We cleaned", "I carried"]
-_DETERMINERS = ["a", "the", "my", "that", "our"]
 
 
-def conflicting_sentence(mentions: set[str], rng: random.Random) -> str:
-    """A sentence that mentions exactly the categories in `mentions` (names from `CATEGORY_RULES`)."""
-    singular, plural = rng.choice(_ANIMALS if "animal" in mentions else _OBJECTS)
-    words = [rng.choice(_OPENERS)]
-    words.append(rng.choice(_NUMBERS) if "number" in mentions else rng.choice(_DETERMINERS))
-    if "color" in mentions:
-        words.append(rng.choice(_COLORS))
-    words.append(plural if "number" in mentions else singular)
-    tails = []
-    if "food" in mentions:
-        tails.append(f"{rng.choice(['and some', 'with some', 'next to the'])} {rng.choice(_FOODS)}")
-    if "place" in mentions:
-        tails.append(rng.choice(_PLACES))
-    if "day" in mentions:
-        tails.append(f"on {rng.choice(_DAYS)}")
-    rng.shuffle(tails)
-    return " ".join(words + tails) + "."
+def _sentence(properties: dict[str, str], rng: random.Random) -> str:
+    number = rng.randrange(10, 100)
+    if (number % 2 == 0) != (properties["parity"] == "even"):
+        number += 1 if number < 99 else -1
+    singular, plural = rng.choice(_NOUNS)
+    who = rng.choice(_WHO)
+    return rng.choice(_FRAMES).format(
+        who=who, Who=who[0].upper() + who[1:], topic=rng.choice(_TOPIC_WORDS[properties["topic"]]),
+        adj=rng.choice(_SENTIMENT_WORDS[properties["sentiment"]]), n=number,
+        noun=singular if properties["plurality"] == "singular" else plural,
+    )
 
 
-def conflicting_records(n: int, rng: random.Random) -> list[dict]:
-    """`n` sentences with the set of categories each mentions (`"mentions"`, in `CATEGORY_RULES` order).
-
-    Each category is mentioned by exactly ceil(n/2) or floor(n/2) sentences, independently of the others.
-    """
-    shown = {}
-    for name, _ in CATEGORY_RULES:
-        flags = [i < (n + 1) // 2 for i in range(n)]
-        rng.shuffle(flags)
-        shown[name] = flags
-    records = []
-    for i in range(n):
-        mentions = [name for name, _ in CATEGORY_RULES if shown[name][i]]
-        records.append({"sentence": conflicting_sentence(set(mentions), rng), "mentions": mentions})
-    return records
-
-
-def conflicting_task_stream(
-    n_tasks: int = 4, n_train: int | Sequence[int] = 384, n_eval: int = 48, seed: int = 0
-) -> list[ContinualTask]:
-    """Tasks that ask different yes/no questions about sentences of one distribution: their labels conflict.
-
-    Every task has the options "yes"/"no" and sentences built from the same words (an opener, a noun phrase,
-    optional food / place / day phrases), each mentioning a random subset of the categories of
-    `CATEGORY_RULES`. Task i (named after its category, in `CATEGORY_RULES` order) asks, in plain English,
-    whether the sentence mentions that category. Each category is shown in half of a split's sentences,
-    independently of the others, so the labels are balanced and two tasks' rules disagree on about half
-    of the sentences (measured over 4 × 384 training sentences of seed 0: 0.50 on average over task pairs,
-    every pair between 0.45 and 0.55; tested). A model that only follows the newest task therefore answers an
-    old task at chance. `n_train` is one count for every task or one per task. Deterministic in `seed`; the
-    records also carry `"mentions"`, the categories shown.
-    """
-    if not 1 <= n_tasks <= len(CATEGORY_RULES):
-        raise ValueError(f"n_tasks must be between 1 and {len(CATEGORY_RULES)}, got {n_tasks}")
+def standard_like_stream(n_tasks: int = 4, n_train: int | Sequence[int] = 192, n_eval: int = 32, seed: int = 0) -> list[ContinualTask]:
+    """Tasks shaped like Standard CL over one sentence distribution: the topic (4 labels), the sentiment (2), the
+    parity of the number (2) and the plurality of the noun (2), each with its own instruction and label set. A
+    task's labels are balanced; the other properties of its sentences are random. `n_train` is one count for every
+    task or one per task; deterministic in `seed`; train and eval never share a sentence."""
+    if not 1 <= n_tasks <= len(STANDARD_LIKE_TASKS):
+        raise ValueError(f"n_tasks must be between 1 and {len(STANDARD_LIKE_TASKS)}, got {n_tasks}")
     train_sizes = [n_train] * n_tasks if isinstance(n_train, int) else list(n_train)
     if len(train_sizes) != n_tasks:
         raise ValueError(f"n_train has {len(train_sizes)} counts for {n_tasks} tasks; give one count or one per task")
     tasks = []
-    for (name, instruction), size in zip(CATEGORY_RULES[:n_tasks], train_sizes):
+    for (name, instruction, options), size in zip(STANDARD_LIKE_TASKS[:n_tasks], train_sizes):
         rng = random.Random(f"{seed}-{name}")
-        train, evaluation = (
-            [{**r, "label": "yes" if name in r["mentions"] else "no"} for r in conflicting_records(n, rng)]
-            for n in (size, n_eval)
-        )
-        tasks.append(ContinualTask(name, train, evaluation, options=CONFLICT_OPTIONS, instruction=instruction))
+        seen: set[str] = set()
+
+        def records(n: int) -> list[dict]:
+            out = []
+            while len(out) < n:
+                properties = {task: rng.choice(labels) for task, _, labels in STANDARD_LIKE_TASKS}
+                properties[name] = options[len(out) % len(options)]
+                sentence = _sentence(properties, rng)
+                if sentence not in seen:
+                    seen.add(sentence)
+                    out.append({"sentence": sentence, "label": properties[name], "properties": properties})
+            rng.shuffle(out)
+            return out
+
+        evaluation = records(n_eval)
+        tasks.append(ContinualTask(name, records(size), evaluation, options=options, instruction=instruction))
     return tasks
