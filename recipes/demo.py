@@ -138,27 +138,33 @@ def run_demo(
     return reports
 
 
-def revert_and_evaluate(base_model, tokenizer, tasks, run_dir: str, task_name: str, max_source_length: int) -> dict:
-    """The final model with one task taken back out (the base model + the ledger of every other task), evaluated
-    on every task: {"reverted": name, "before": row, "after": row}."""
-    import torch
-
+def final_model_diagnostics(
+    base_model, tokenizer, tasks, run_dir: str, max_source_length: int, revert: str | None
+) -> dict:
+    """The final model (the base model + the run's ledger): where its answers to the earlier tasks come from, and,
+    with `revert`, every task's accuracy before and after that task is taken back out (the other tasks composed)."""
     from jumplora_hf import TaskLedger, encode_task
-    from jumplora_hf.bench.generation import evaluate_tasks
+    from jumplora_hf.bench.generation import answer_sources, evaluate_tasks, generate_answers
 
     ledger = TaskLedger(run_dir)
     names = [e.name for e in ledger.entries()]
-    if task_name not in names:
-        raise SystemExit(f"--revert {task_name!r}: the ledger of {run_dir} holds {names}")
     encoded = [encode_task(t, tokenizer, False, max_source_length) for t in tasks]
     final = ledger.compose(copy.deepcopy(base_model))
-    without = ledger.compose(copy.deepcopy(base_model), [n for n in names if n != task_name])
-    with torch.no_grad():
-        return {
-            "reverted": task_name,
-            "before": evaluate_tasks(final, tokenizer, encoded),
-            "after": evaluate_tasks(without, tokenizer, encoded),
-        }
+    sources = [
+        answer_sources(generate_answers(final, tokenizer, e), t.options, [u.options for u in tasks[i + 1 :]])
+        for i, (t, e) in enumerate(zip(tasks[:-1], encoded[:-1]))
+    ]
+    out = {"answer_sources": {key: sum(s[key] for s in sources) / len(sources) for key in ("own", "later", "other")}}
+    if revert is not None:
+        if revert not in names:
+            raise SystemExit(f"--revert {revert!r}: the ledger of {run_dir} holds {names}")
+        without = ledger.compose(copy.deepcopy(base_model), [n for n in names if n != revert])
+        out.update(
+            reverted=revert,
+            before=evaluate_tasks(final, tokenizer, encoded),
+            after=evaluate_tasks(without, tokenizer, encoded),
+        )
+    return out
 
 
 def main(argv=None) -> dict[str, dict]:
@@ -204,18 +210,30 @@ def main(argv=None) -> dict[str, dict]:
         ella_lambda=args.ella_lambda,
         seed=args.seed,
     )
+    from jumplora_hf.methods import display_name
+
     print("\n" + comparison_table(reports))
-    jump = next((m for m in reversed(args.methods) if m.startswith("jumplora")), args.methods[-1])
     if len(tasks) > 1:
-        name = args.revert or tasks[0].name
-        result = revert_and_evaluate(
-            model, tokenizer, tasks, os.path.join(args.output_root, jump), name, args.max_source_length
+        jump = next((m for m in reversed(args.methods) if m.startswith("jumplora")), args.methods[-1])
+        print("\nthe final models' answers to the earlier tasks (their own labels / a later task's / anything else):")
+        for method in args.methods:
+            revert = (args.revert or tasks[0].name) if method == jump else None
+            run_dir = os.path.join(args.output_root, method)
+            found = final_model_diagnostics(model, tokenizer, tasks, run_dir, args.max_source_length, revert)
+            shares = found["answer_sources"]
+            print(
+                f"  {display_name(method):<20} own {shares['own']:.2f}  later task {shares['later']:.2f}  other {shares['other']:.2f}"
+            )
+            reports[method]["answer_sources"] = shares
+            if revert is not None:
+                reports["revert"] = {k: found[k] for k in ("reverted", "before", "after")}
+        result = reports["revert"]
+        print(
+            f"\nreverting '{result['reverted']}' from the final {display_name(jump)} model (the base + the ledger of the other tasks):"
         )
-        print(f"\nreverting '{name}' from the final {jump} model (base + the ledger of the other tasks):")
         print("  task:   " + "  ".join(f"{t.name:>10}" for t in tasks))
         print("  before: " + "  ".join(f"{a:10.3f}" for a in result["before"]))
         print("  after:  " + "  ".join(f"{a:10.3f}" for a in result["after"]))
-        reports["revert"] = result
     print(f"demo done in {time.time() - start:.0f} s")
     return reports
 

@@ -30,7 +30,7 @@ def test_order_instructions_and_fallbacks(data_dir):
     assert alpha.options == ["yes", "no"] and alpha.instruction is None  # labels.json, package default wording
     assert len(alpha.train_dataset) == 20 and len(alpha.eval_dataset) == 6
     assert len(load_cl_benchmark(str(data_dir), ["alpha"], eval_split="test")[0].eval_dataset) == 9
-    alpha.resolved_options()  # every label is an option
+    assert alpha.resolved_options() == ["yes", "no"]  # every label is an option, in labels.json's order
 
 
 def test_subsampling_is_fixed_by_seed(data_dir):

@@ -1,6 +1,5 @@
-"""The offline demo (recipes/demo.py) on a tiny Llama, and the conflicting task stream it trains on."""
+"""The offline demo (recipes/demo.py) on a tiny Llama, and the Standard-CL-shaped stream it trains on."""
 
-import itertools
 import json
 import os
 import re
@@ -10,82 +9,56 @@ import pytest
 from tiny import tiny_llama, tokenizer
 
 from jumplora_hf.bench import synthetic
-from jumplora_hf.bench.synthetic import CATEGORY_RULES, conflicting_task_stream
+from jumplora_hf.bench.synthetic import STANDARD_LIKE_TASKS, standard_like_stream
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
-import demo  # recipes/demo.py
-
-# the words by which a sentence mentions each category
-CATEGORY_WORDS = {
-    "animal": [w for pair in synthetic._ANIMALS for w in pair],
-    "color": synthetic._COLORS,
-    "number": synthetic._NUMBERS,
-    "food": synthetic._FOODS,
-    "place": synthetic._PLACES,
-    "day": synthetic._DAYS,
-}
+import demo  # noqa: E402  (recipes/demo.py)
 
 
-def _mentions(sentence: str, category: str) -> bool:
-    text = f" {sentence.rstrip('.')} "
-    return any(f" {word} " in text for word in CATEGORY_WORDS[category])
-
-
-def test_every_task_has_the_same_label_words_and_its_own_question():
-    tasks = conflicting_task_stream(len(CATEGORY_RULES), n_train=20, n_eval=10)
-    assert [t.name for t in tasks] == [name for name, _ in CATEGORY_RULES]
-    for task in tasks:
-        assert task.options == ["yes", "no"] and task.resolved_options() == ["yes", "no"]
-        assert task.instruction.startswith("Does the sentence mention ") and task.instruction.endswith("?")
-    assert len({t.instruction for t in tasks}) == len(tasks)
-
-
-def test_labels_follow_each_task_rule_and_are_balanced():
-    for task in conflicting_task_stream(len(CATEGORY_RULES), n_train=64, n_eval=31, seed=3):
-        for split, n in ((task.train_dataset, 64), (task.eval_dataset, 31)):
-            assert len(split) == n
-            assert sum(r["label"] == "yes" for r in split) in (n // 2, (n + 1) // 2)
-            for record in split:
-                assert (record["label"] == "yes") == _mentions(record["sentence"], task.name), record
-                assert record["mentions"] == [
-                    name for name, _ in CATEGORY_RULES if _mentions(record["sentence"], name)
-                ]
-
-
-def test_rules_disagree_on_about_half_of_the_sentences():
-    """The docstring's numbers: over the 4 × 384 training sentences of seed 0, the rules of two tasks give
-    different labels to 0.50 of the sentences on average, 0.45-0.55 for every pair."""
-    tasks = conflicting_task_stream(4, n_train=384, n_eval=48, seed=0)
-    sentences = [r["sentence"] for t in tasks for r in t.train_dataset]
-    rates = [
-        sum(_mentions(s, a.name) != _mentions(s, b.name) for s in sentences) / len(sentences)
-        for a, b in itertools.combinations(tasks, 2)
+def _properties_of(sentence: str) -> dict[str, str]:
+    """Read the four properties back from a sentence, with the generator's word lists."""
+    topic = [t for t, words in synthetic._TOPIC_WORDS.items() if any(w in sentence for w in words)]
+    sentiment = [
+        s for s, words in synthetic._SENTIMENT_WORDS.items() if any(re.search(rf"\b{w}\b", sentence) for w in words)
     ]
-    assert all(0.45 <= rate <= 0.55 for rate in rates), rates
-    assert abs(sum(rates) / len(rates) - 0.5) < 0.02, rates
-    # answering an old task by the newest task's rule is right about half of the time: chance
-    newest = tasks[-1].name
-    for old in tasks[:-1]:
-        by_newest = [_mentions(r["sentence"], newest) == (r["label"] == "yes") for r in old.eval_dataset]
-        assert 0.3 <= sum(by_newest) / len(by_newest) <= 0.7
+    number = int(re.search(r"\b(\d\d)\b", sentence).group(1))
+    noun = re.search(r"the (\w+)\.$", sentence).group(1)
+    plurality = "plural" if any(noun == p for _, p in synthetic._NOUNS) else "singular"
+    return {
+        "topic": topic[0],
+        "sentiment": sentiment[0],
+        "parity": "even" if number % 2 == 0 else "odd",
+        "plurality": plurality,
+    }
 
 
-def test_stream_is_deterministic_in_the_seed():
+def test_four_kinds_of_task_with_disjoint_label_sets():
+    tasks = standard_like_stream(4, n_train=40, n_eval=12, seed=3)
+    assert [t.name for t in tasks] == ["topic", "sentiment", "parity", "plurality"]
+    labels = [set(t.options) for t in tasks]
+    assert all(not (a & b) for i, a in enumerate(labels) for b in labels[i + 1 :])
+    assert len({t.instruction for t in tasks}) == 4
+    for task, (_, _, options) in zip(tasks, STANDARD_LIKE_TASKS):
+        for split, n in ((task.train_dataset, 40), (task.eval_dataset, 12)):
+            assert len(split) == n
+            counts = [sum(r["label"] == o for r in split) for o in options]
+            assert max(counts) - min(counts) <= 1  # balanced
+            for record in split:
+                assert _properties_of(record["sentence"]) == record["properties"], record
+                assert record["properties"][task.name] == record["label"]
+        assert not {r["sentence"] for r in task.train_dataset} & {r["sentence"] for r in task.eval_dataset}
+
+
+def test_stream_is_deterministic_in_the_seed_and_checks_its_arguments():
     def records(seed):
-        return [(t.train_dataset, t.eval_dataset) for t in conflicting_task_stream(4, 16, 8, seed=seed)]
+        return [(t.train_dataset, t.eval_dataset) for t in standard_like_stream(4, 16, 8, seed=seed)]
 
-    assert records(5) == records(5)
-    assert records(5) != records(6)
+    assert records(5) == records(5) and records(5) != records(6)
+    assert [len(t.train_dataset) for t in standard_like_stream(3, n_train=[8, 4, 6], n_eval=2)] == [8, 4, 6]
     with pytest.raises(ValueError, match="n_tasks"):
-        conflicting_task_stream(len(CATEGORY_RULES) + 1, 16, 8)
-
-
-def test_training_examples_per_task():
-    tasks = conflicting_task_stream(3, n_train=[8, 4, 6], n_eval=2)
-    assert [len(t.train_dataset) for t in tasks] == [8, 4, 6] and all(len(t.eval_dataset) == 2 for t in tasks)
-    assert tasks[0].train_dataset == conflicting_task_stream(1, n_train=8, n_eval=2)[0].train_dataset
+        standard_like_stream(5, 16, 8)
     with pytest.raises(ValueError, match="one count or one per task"):
-        conflicting_task_stream(3, n_train=[8, 4], n_eval=2)
+        standard_like_stream(3, n_train=[8, 4], n_eval=2)
 
 
 @pytest.fixture
@@ -103,10 +76,6 @@ def test_demo_on_a_tiny_llama(tiny_model_dir, tmp_path, capsys):
         str(tiny_model_dir),
         "--output_root",
         str(runs),
-        "--tasks",
-        "4",
-        "--first_task_examples",
-        "16",
         "--train_examples",
         "16",
         "--batch_size",
@@ -120,39 +89,45 @@ def test_demo_on_a_tiny_llama(tiny_model_dir, tmp_path, capsys):
     ]
     reports = demo.main(argv)
     out = capsys.readouterr().out
-    assert list(reports) == ["inclora", "jumplora_inclora"]  # the default methods
-    for method, report in reports.items():
-        assert report["tasks"] == ["color", "number", "food", "place"]
+    methods = ["inclora", "jumplora_inclora"]
+    assert [m for m in reports if m != "revert"] == methods  # the default methods
+    for method in methods:
+        report = reports[method]
+        assert report["tasks"] == ["topic", "sentiment", "parity", "plurality"]
         acc = report["accuracy_matrix"]
         assert all((acc[i][j] is None) == (j > i) for i in range(4) for j in range(4))
-        assert len(report["per_task"]) == 4
         assert json.loads((runs / method / "continual_metrics.json").read_text())["accuracy_matrix"] == acc
-        assert (runs / method / "accuracy_matrix.png").exists()
+        assert (runs / method / "accuracy_matrix.png").exists() and len(os.listdir(runs / method / "ledger")) == 4
+        shares = report["answer_sources"]
+        assert abs(sum(shares.values()) - 1.0) < 1e-9
     assert all(t["sparsity"]["mean"] < 0.01 for t in reports["inclora"]["per_task"])  # dense updates
     assert all(t["sparsity"]["mean"] > 0.1 for t in reports["jumplora_inclora"]["per_task"])  # gated: sparse
 
+    # the printed claims: one line per task start and end, the matrices, the side-by-side summary, where the final
+    # models' answers to earlier tasks come from, and what reverting the first task does
     assert f"reusing the converted model in {tiny_model_dir}" in out
-    assert "  color: Does the sentence mention a color?  (16 training / 4 evaluation examples)" in out
-    assert "inclora: task 1/4 'color': training, 16 examples in 4 steps" in out
-    assert re.search(r"jumplora_inclora: task 4/4 'place' done in \d+ s: accuracies \d\.\d{3}  \d\.\d{3}", out)
-    for name in ("IncLoRA", "JumpLoRA + IncLoRA"):
-        assert f"{name}: a[i][j] = accuracy on task j after training task i" in out
-    assert out.count("  after place: ") == 3 and out.count("mean Jaccard with earlier tasks") == 6
-    assert out.count("dense (0% sparse)") == 4
-    assert re.search(r"^OA \d\.\d{3}   BWT [+-]\d\.\d{3}$", out, re.M)
     assert (
-        "answering each earlier task by the newest task's question instead (complete forgetting) would score:" in out
+        "  topic: What is the sentence about? sports/food/weather/music  (16 training, 4 evaluation examples)" in out
     )
-    assert re.search(r"^  after place: \d\.\d{3}  \d\.\d{3}  \d\.\d{3}$", out, re.M)
-    assert re.search(
-        r"^IncLoRA OA \d\.\d{3} BWT [+-]\d\.\d{3} \| JumpLoRA \+ IncLoRA OA \d\.\d{3} BWT [+-]\d\.\d{3}$", out, re.M
-    )
+    assert "IncLoRA: task 1/4 'topic': training, 16 examples in 4 steps" in out
+    assert re.search(r"JumpLoRA \+ IncLoRA: task 4/4 'plurality' done in \d+ s: accuracies( \s*\d\.\d{3}){4}", out)
+    assert out.count("  after plurality: ") == 2 and "mean Jaccard with earlier tasks" in out
+    assert re.search(r"^IncLoRA\s+\d\.\d{3}\s+[+-]\d\.\d{3}\s+dense", out, re.M)
+    assert re.search(r"^JumpLoRA \+ IncLoRA\s+\d\.\d{3}\s+[+-]\d\.\d{3}\s+0\.\d{3}\s+0\.\d{3}$", out, re.M)
+    for name in ("IncLoRA", "JumpLoRA + IncLoRA"):
+        assert re.search(rf"^  {re.escape(name)}\s+own \d\.\d\d  later task \d\.\d\d  other \d\.\d\d$", out, re.M)
+    revert = reports["revert"]
+    assert revert["reverted"] == "topic" and len(revert["before"]) == len(revert["after"]) == 4
+    assert "reverting 'topic' from the final JumpLoRA + IncLoRA model" in out
+    assert re.search(r"^  after:  (\s*\d\.\d{3}){4}$", out, re.M)
+    # the output reads well in a file: no progress bars, no per-step log dicts
+    assert "\r" not in out and "{'loss'" not in out and "it/s]" not in out
 
     # a rerun resumes the finished runs (nothing left to train); --fresh deletes them first
-    assert demo.main(argv) == reports
+    again = demo.main(argv)
     out = capsys.readouterr().out
-    assert "inclora: resuming the finished tasks in" in out and "training," not in out
+    assert again["inclora"]["accuracy_matrix"] == reports["inclora"]["accuracy_matrix"]
+    assert "IncLoRA: resuming the finished tasks in" in out and "': training," not in out
     demo.main(argv + ["--fresh", "--methods", "inclora", "--tasks", "1"])
     out = capsys.readouterr().out
     assert f"--fresh: deleting {runs}" in out and not (runs / "jumplora_inclora").exists()
-    assert "IncLoRA OA" in out and "BWT -" in out  # BWT is undefined after one task

@@ -320,7 +320,7 @@ def test_build_benchmark_loads_with_each_order(tmp_path):
     for task in load_cl_benchmark(str(tmp_path), "order4", eval_split="test"):
         assert task.options == EXPECTED[task.name][4] == instructions[task.name]["options"]
         assert task.instruction == (instructions[task.name]["instruction"] or None)
-        task.resolved_options()  # every label is an option
+        assert task.resolved_options() == task.options  # every label is an option
     assert instructions["mnli"]["instruction"].startswith('What is the logical relationship between the "sentence 1"')
 
 

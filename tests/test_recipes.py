@@ -134,3 +134,100 @@ def test_single_task_accuracies_are_read_only_from_a_finished_baseline_of_the_sa
     )  # unfinished / other tasks
     with pytest.raises(ValueError, match="not a finished --single_task_baselines run"):
         read_single_task_accuracies(str(tmp_path), ["t1", "t0"], explicit=True)
+
+
+def test_help_is_light_and_lists_the_recipes_flags_first():
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['sc.py', '--help']\n"
+        "try:\n    runpy.run_path('recipes/sc.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print('TORCH-IMPORTED' if 'torch' in sys.modules else 'TORCH-NOT-IMPORTED')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert "TORCH-NOT-IMPORTED" in done.stdout  # the heavy imports happen after the flags are parsed
+    lines = done.stdout.splitlines()
+    assert len(lines) < 120 and "--per_device_train_batch_size " not in done.stdout.split("training (")[0]
+    full = _script("sc.py", "--help-all", launcher=(sys.executable,))
+    assert full.returncode == 0 and full.stdout.index("--data_dir") < full.stdout.index(
+        "--per_device_train_batch_size"
+    )
+
+
+def _user_error(*args, output_dir):
+    done = _script("sc.py", *args, "--output_dir", str(output_dir), launcher=(sys.executable,))
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.strip().splitlines() if "[WARNING]" not in line]  # DeepSpeed's import note
+    assert "Traceback" not in done.stderr and len(lines) == 2
+    assert lines[0].startswith("error: ") and lines[1].startswith("usage: sc.py")
+    assert not output_dir.exists()  # nothing written
+    return lines[0]
+
+
+def test_missing_data_says_how_to_get_it(tmp_path):
+    err = _user_error("--data_dir", str(tmp_path / "nowhere"), output_dir=tmp_path / "out")
+    assert "no benchmark folder at" in err and "recipes/build_cl_benchmark.py" in err and "--data_dir" in err
+
+
+def test_default_data_location_is_user_facing(tmp_path):
+    env = {**ENV, "JUMPLORA_DATA_DIR": str(tmp_path / "mine")}
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "recipes", "sc.py"), "--output_dir", str(tmp_path / "o")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and f"no benchmark folder at '{tmp_path / 'mine'}'" in done.stderr
+    env.pop("JUMPLORA_DATA_DIR")
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "recipes", "sc.py"), "--output_dir", str(tmp_path / "o")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "no benchmark folder at 'data/cl_benchmark'" in done.stderr
+
+
+def test_unknown_order_lists_the_valid_ones(tiny_setup, tmp_path):
+    err = _user_error("--data_dir", str(tiny_setup / "data"), "--order", "order9", output_dir=tmp_path / "out")
+    assert "Valid orders: order1, order4" in err and "tasks: t0, t1" in err
+
+
+def test_a_typo_in_one_target_is_refused_before_anything_is_written(tiny_setup, tmp_path):
+    err = _user_error(
+        "--model_name_or_path",
+        str(tiny_setup / "model"),
+        "--data_dir",
+        str(tiny_setup / "data"),
+        "--jumplora_target_modules",
+        "q",
+        "vv",
+        "--use_cpu",
+        "true",
+        output_dir=tmp_path / "out",
+    )
+    assert "'vv' (closest: ['v'" in err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--no_such_flag", "1"], "--no_such_flag"),
+        (["--method", "olora"], "olora"),
+        (["--jumplora_s_start", "0.9", "--jumplora_s_final", "0.5"], "s_start"),
+        (["--ella_lambda", "big", "--method", "ella"], "numbers or 'auto'"),
+    ],
+)
+def test_bad_flags_give_one_message(tiny_setup, tmp_path, args, message):
+    err = _user_error(
+        "--model_name_or_path",
+        str(tiny_setup / "model"),
+        "--data_dir",
+        str(tiny_setup / "data"),
+        *args,
+        output_dir=tmp_path / "out",
+    )
+    assert message in err

@@ -85,10 +85,17 @@ def write_run(run_dir, report):
     return str(run_dir)
 
 
-def assert_png(path):
+def assert_png(path, min_colours: int = 3):
+    """A decodable PNG of a drawn figure: the expected size class and more than a blank page's colours."""
     with open(path, "rb") as f:
-        data = f.read()
-    assert data.startswith(PNG_MAGIC) and len(data) > 5000, path
+        assert f.read(8) == PNG_MAGIC, path
+    from matplotlib.image import imread
+
+    pixels = imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] >= 300 and pixels.shape[1] >= 400, (path, pixels.shape)
+    colours = {tuple(p) for p in pixels.reshape(-1, pixels.shape[2])[:: max(1, pixels.size // 200000)].round(2)}
+    assert len(colours) >= min_colours, path
+    return pixels
 
 
 def test_parse_layer_name_t5_and_llama():

@@ -18,6 +18,7 @@ from jumplora_hf import (
     iter_jumplora_layers,
 )
 from jumplora_hf.metrics import pack_support
+from jumplora_hf.bench.generation import evaluate_tasks
 from jumplora_hf.sequence import TaskSpan
 
 TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
@@ -80,6 +81,11 @@ def test_three_task_run_for_every_method(tmp_path, arch, method):
     written = json.loads((tmp_path / "out" / "continual_metrics.json").read_text())
     assert written["accuracy_matrix"] == acc and written["tasks"] == ["task0", "task1", "task2"]
     assert written["backward_transfer"] == report["backward_transfer"]
+    # the last row, re-measured outside the Trainer on the final (merged) model, and the metrics computed from it
+    encoded = [encode_task(t, tokenizer(), arch == "t5", 512) for t in task_stream(3)]
+    assert acc[2] == evaluate_tasks(trainer.model, tokenizer(), encoded)
+    assert report["overall_accuracy"] == pytest.approx(sum(acc[2]) / 3)
+    assert report["backward_transfer"] == pytest.approx(((acc[2][0] - acc[0][0]) + (acc[2][1] - acc[1][1])) / 2)
     sparsity = [task["sparsity"]["mean"] for task in report["per_task"]]
     if METHODS[method].jump_gate:
         assert all(s > 0.2 for s in sparsity), sparsity  # the merged ΔW_final is sparse

@@ -113,6 +113,9 @@ def read_single_task_accuracies(run_dir: str | None, task_names: list[str], expl
 
 def _load_model(path: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a log file gets the run's lines, not the loader's progress bars
 
     try:
         config = AutoConfig.from_pretrained(path)

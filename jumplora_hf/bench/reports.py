@@ -256,16 +256,18 @@ def plot_sparsity_overlap_per_task(report: Mapping, path: str) -> str | None:
     fig, axes = _figure(
         max(5.0, 0.45 * len(rows) + 3.0), 5.5 if overlap else 3.5, rows=2 if overlap else 1, sharex=True
     )
-    axes[0, 0].bar(range(len(rows)), [_percent(row["sparsity_mean"]) for row in rows], color="tab:blue")
-    axes[0, 0].set_ylim(0.0, 100.0)
+    sparsity = [_percent(row["sparsity_mean"]) for row in rows]
+    bars = axes[0, 0].bar(range(len(rows)), sparsity, color="tab:blue")
+    axes[0, 0].bar_label(bars, labels=[f"{v:.0f}%" if v >= 0.5 else "dense: 0% sparse" for v in sparsity], fontsize=8)
+    axes[0, 0].set_ylim(0.0, 110.0)
     axes[0, 0].set_ylabel("sparsity (%)")
     fig.suptitle(_title(report, "merged update of each task\n(mean over adapted layers)"))
     if overlap:
         index = {name: i for i, name in enumerate(names)}
         jaccard = [row["jaccard_mean"] for row in overlap]
         axes[1, 0].plot([index[row["task"]] for row in overlap], jaccard, marker="o", color="tab:orange")
-        axes[1, 0].set_ylim(0.0, max(1.2 * max(jaccard), 0.05))
-        axes[1, 0].set_ylabel("mean Jaccard with previous")
+        axes[1, 0].set_ylim(0.0, 1.05)  # the same range for every method: dense updates overlap fully (1.0)
+        axes[1, 0].set_ylabel("mean Jaccard with\nearlier tasks")
     axes[-1, 0].set_xticks(range(len(rows)), names, rotation=45, ha="right")
     axes[-1, 0].set_xlabel("task")
     return _save_png(fig, path)
@@ -340,7 +342,9 @@ def plot_sparsity_by_depth(report: Mapping, path: str) -> str | None:
         ax.set_title(title)
         ax.set_xlabel("layer depth (block index)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylim(0.0, 100.0)
+        ax.set_ylim(-2.0, 100.0)
+        if all(v < 0.005 for by_depth in series.values() for v in by_depth.values()):
+            ax.text(0.5, 0.5, "dense: 0% sparse in every layer", transform=ax.transAxes, ha="center", fontsize=11)
     axes[0, 0].set_ylabel("sparsity (%)")
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
     fig.suptitle(_title(report, "sparsity by layer depth"))

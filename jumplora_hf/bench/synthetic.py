@@ -58,26 +58,76 @@ def keyword_task_stream(
 # disjoint), so a model that keeps every skill answers all four, while one that drifts to the newest task answers the
 # old questions with the newest task's labels: forgetting as in Standard CL.
 _TOPIC_WORDS = {
-    "sports": ["the football match", "the tennis final", "the marathon", "the league table", "the new coach",
-               "the stadium", "the relay race", "the chess tournament"],
-    "food": ["the soup recipe", "the bakery", "the dinner menu", "the new chef", "the pasta dish", "the cake",
-             "the street food", "the cheese market"],
-    "weather": ["the storm", "the forecast", "the heatwave", "the snowfall", "the morning fog", "the rain",
-                "the strong wind", "the thunder"],
-    "music": ["the concert", "the new album", "the orchestra", "the guitar solo", "the choir", "the piano lesson",
-              "the band", "the song contest"],
+    "sports": [
+        "the football match",
+        "the tennis final",
+        "the marathon",
+        "the league table",
+        "the new coach",
+        "the stadium",
+        "the relay race",
+        "the chess tournament",
+    ],
+    "food": [
+        "the soup recipe",
+        "the bakery",
+        "the dinner menu",
+        "the new chef",
+        "the pasta dish",
+        "the cake",
+        "the street food",
+        "the cheese market",
+    ],
+    "weather": [
+        "the storm",
+        "the forecast",
+        "the heatwave",
+        "the snowfall",
+        "the morning fog",
+        "the rain",
+        "the strong wind",
+        "the thunder",
+    ],
+    "music": [
+        "the concert",
+        "the new album",
+        "the orchestra",
+        "the guitar solo",
+        "the choir",
+        "the piano lesson",
+        "the band",
+        "the song contest",
+    ],
 }
 _SENTIMENT_WORDS = {
     "positive": ["great", "wonderful", "excellent", "lovely", "delightful", "superb", "pleasant", "brilliant"],
     "negative": ["awful", "terrible", "dreadful", "boring", "horrible", "disappointing", "miserable", "dull"],
 }
-_NOUNS = [("cat", "cats"), ("child", "children"), ("box", "boxes"), ("mouse", "mice"), ("tooth", "teeth"), ("leaf", "leaves"),
-          ("city", "cities"), ("bus", "buses"), ("woman", "women"), ("knife", "knives"), ("horse", "horses"),
-          ("foot", "feet"), ("glass", "glasses"), ("story", "stories"), ("wolf", "wolves"), ("goose", "geese"),
-          ("tree", "trees"), ("man", "men"), ("baby", "babies"), ("fox", "foxes")]
+_NOUNS = [
+    ("cat", "cats"),
+    ("child", "children"),
+    ("box", "boxes"),
+    ("mouse", "mice"),
+    ("tooth", "teeth"),
+    ("leaf", "leaves"),
+    ("city", "cities"),
+    ("bus", "buses"),
+    ("woman", "women"),
+    ("knife", "knives"),
+    ("horse", "horses"),
+    ("foot", "feet"),
+    ("glass", "glasses"),
+    ("story", "stories"),
+    ("wolf", "wolves"),
+    ("goose", "geese"),
+    ("tree", "trees"),
+    ("man", "men"),
+    ("baby", "babies"),
+    ("fox", "foxes"),
+]
 _WHO = ["my neighbour", "the teacher", "a friend", "my brother", "the old man", "our guide", "my aunt", "the student"]
 _FRAMES = [
-    "{Who} had a {adj} time with {topic} and saw the {noun} at {n} o'clock.",
+    "{Who} had a {adj} time with {topic} at {n} o'clock and saw the {noun}.",
     "After {topic}, {who} felt {adj}, wrote {n} lines and drew the {noun}.",
     "{Who} called {topic} {adj}; room {n} still has the {noun}.",
     "A {adj} day: {who} followed {topic}, paid {n} euros and fed the {noun}.",
@@ -87,7 +137,7 @@ STANDARD_LIKE_TASKS = [
     ("topic", "What is the sentence about?", ["sports", "food", "weather", "music"]),
     ("sentiment", "Is the feeling in the sentence positive or negative?", ["positive", "negative"]),
     ("parity", "Is the number in the sentence even or odd?", ["even", "odd"]),
-    ("plurality", "Is the noun after \"the\" at the end singular or plural?", ["singular", "plural"]),
+    ("plurality", 'Is the noun after "the" at the end singular or plural?', ["singular", "plural"]),
 ]
 
 
@@ -98,13 +148,18 @@ def _sentence(properties: dict[str, str], rng: random.Random) -> str:
     singular, plural = rng.choice(_NOUNS)
     who = rng.choice(_WHO)
     return rng.choice(_FRAMES).format(
-        who=who, Who=who[0].upper() + who[1:], topic=rng.choice(_TOPIC_WORDS[properties["topic"]]),
-        adj=rng.choice(_SENTIMENT_WORDS[properties["sentiment"]]), n=number,
+        who=who,
+        Who=who[0].upper() + who[1:],
+        topic=rng.choice(_TOPIC_WORDS[properties["topic"]]),
+        adj=rng.choice(_SENTIMENT_WORDS[properties["sentiment"]]),
+        n=number,
         noun=singular if properties["plurality"] == "singular" else plural,
     )
 
 
-def standard_like_stream(n_tasks: int = 4, n_train: int | Sequence[int] = 192, n_eval: int = 32, seed: int = 0) -> list[ContinualTask]:
+def standard_like_stream(
+    n_tasks: int = 4, n_train: int | Sequence[int] = 192, n_eval: int = 32, seed: int = 0
+) -> list[ContinualTask]:
     """Tasks shaped like Standard CL over one sentence distribution: the topic (4 labels), the sentiment (2), the
     parity of the number (2) and the plurality of the noun (2), each with its own instruction and label set. A
     task's labels are balanced; the other properties of its sentences are random. `n_train` is one count for every
