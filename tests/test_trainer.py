@@ -17,8 +17,8 @@ from jumplora_hf import (
     end_task,
     iter_jumplora_layers,
 )
-from jumplora_hf.metrics import pack_support
 from jumplora_hf.bench.generation import evaluate_tasks
+from jumplora_hf.metrics import pack_support
 from jumplora_hf.sequence import TaskSpan
 
 TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
