@@ -81,6 +81,16 @@ class ContinualSeq2SeqConfig(Seq2SeqTrainingArguments):
         metadata={"help": "Write each task's exact update to <output_dir>/ledger/ (python -m jumplora_hf.ledger)."},
     )
     hub_push_ledger: bool = field(default=True, metadata={"help": "With push_to_hub: upload the ledger too."})
+    hub_strategy: str = field(
+        default="end",
+        metadata={
+            "help": (
+                "With push_to_hub: 'end' pushes the finished run once (trainer.push_to_hub(); the recipes call it), any "
+                "other strategy pushes after every task and tags the commit after-task-NN-<name>."
+            ),
+            "choices": ["end", "every_save", "checkpoint", "all_checkpoints"],
+        },
+    )
     predict_with_generate: bool = field(default=True, metadata={"help": "Evaluation generates answers (required)."})
     save_strategy: str = field(
         default="no", metadata={"help": "Mid-task checkpoints; the task sequence writes its own state."}

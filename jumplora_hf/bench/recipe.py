@@ -179,6 +179,8 @@ def run(recipe: RecipeArguments, adapters, training) -> dict:
             trainer.save_merged_model(os.path.join(training.output_dir, "merged"))
         if trainer.is_world_process_zero():
             write_run_reports(training.output_dir, report)  # matrix CSV/JSON, per-task CSV, plots
+        if training.push_to_hub and str(getattr(training.hub_strategy, "value", training.hub_strategy)) == "end":
+            trainer.push_to_hub()  # every process: the merged model is gathered under ZeRO-3
     return report
 
 
