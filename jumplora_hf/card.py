@@ -54,7 +54,7 @@ def build_model_card(
     """The card of a run: what it is, how to load, rebuild and revert it, its task order and hyperparameters, the
     accuracy matrix and OA/BWT/FWT (also as `model-index` results), sparsity and overlap per task, and the plots."""
     method = report["method"]
-    base = run_config.get("base_model") or "unknown"
+    base = run_config.get("base_model") or None
     sequence = " → ".join(report["tasks"])
     results = [
         EvalResult(
@@ -74,7 +74,7 @@ def build_model_card(
     ]
     data = ModelCardData(
         library_name="transformers",
-        base_model=base if base != "unknown" else None,
+        base_model=base,
         tags=["continual-learning", "jumplora", "lora", "peft", method],
         model_name=repo_id.split("/")[-1],
         eval_results=results or None,
@@ -89,7 +89,7 @@ def build_model_card(
         "",
         f"# {repo_id.split('/')[-1]}",
         "",
-        f"`{base}` trained on {len(report['tasks'])} tasks in a row with **{display_name(method)}** "
+        f"{f'`{base}`' if base else 'A model'} trained on {len(report['tasks'])} tasks in a row with **{display_name(method)}** "
         f"([JumpLoRA, arXiv 2604.16171]({PAPER}), trained with the `jumplora_hf` package). After each task its "
         "update was merged into the base weights, so this is a plain transformers checkpoint: no adapter is needed.",
         "",
@@ -116,7 +116,10 @@ def build_model_card(
         f"| method | {display_name(method)} (`{method}`) |",
     ]
     for key, value in {**adapters, **hyper}.items():
-        lines.append(f"| {key} | {value} |")
+        if key == "method" or value is None or value == -1:
+            continue
+        shown = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        lines.append(f"| {key} | {shown} |")
     lines += [
         "",
         "## Results",
@@ -145,9 +148,9 @@ def build_model_card(
             "```bash",
             f"huggingface-cli download {repo_id} --local-dir run",
             "python -m jumplora_hf.ledger show run",
-            f"python -m jumplora_hf.ledger rebuild run --base {base} --out rebuilt",
-            f"python -m jumplora_hf.ledger revert run --base {base} --task {report['tasks'][0]} --out without_{report['tasks'][0]}",
-            f"python -m jumplora_hf.ledger verify run --base {base} --model run",
+            f"python -m jumplora_hf.ledger rebuild run --base {base or 'BASE_MODEL'} --out rebuilt",
+            f"python -m jumplora_hf.ledger revert run --base {base or 'BASE_MODEL'} --task {report['tasks'][0]} --out without_{report['tasks'][0]}",
+            f"python -m jumplora_hf.ledger verify run --base {base or 'BASE_MODEL'} --model run",
             "```",
             "",
         ]

@@ -27,14 +27,14 @@ def _properties_of(sentence: str) -> dict[str, str]:
     return {
         "topic": topic[0],
         "sentiment": sentiment[0],
-        "parity": "even" if number % 2 == 0 else "odd",
+        "magnitude": "above" if number >= 50 else "below",
         "plurality": plurality,
     }
 
 
 def test_four_kinds_of_task_with_disjoint_label_sets():
     tasks = standard_like_stream(4, n_train=40, n_eval=12, seed=3)
-    assert [t.name for t in tasks] == ["topic", "sentiment", "parity", "plurality"]
+    assert [t.name for t in tasks] == ["topic", "sentiment", "magnitude", "plurality"]
     labels = [set(t.options) for t in tasks]
     assert all(not (a & b) for i, a in enumerate(labels) for b in labels[i + 1 :])
     assert len({t.instruction for t in tasks}) == 4
@@ -93,7 +93,7 @@ def test_demo_on_a_tiny_llama(tiny_model_dir, tmp_path, capsys):
     assert [m for m in reports if m != "revert"] == methods  # the default methods
     for method in methods:
         report = reports[method]
-        assert report["tasks"] == ["topic", "sentiment", "parity", "plurality"]
+        assert report["tasks"] == ["topic", "sentiment", "magnitude", "plurality"]
         acc = report["accuracy_matrix"]
         assert all((acc[i][j] is None) == (j > i) for i in range(4) for j in range(4))
         assert json.loads((runs / method / "continual_metrics.json").read_text())["accuracy_matrix"] == acc

@@ -136,15 +136,13 @@ _FRAMES = [
 STANDARD_LIKE_TASKS = [
     ("topic", "What is the sentence about?", ["sports", "food", "weather", "music"]),
     ("sentiment", "Is the feeling in the sentence positive or negative?", ["positive", "negative"]),
-    ("parity", "Is the number in the sentence even or odd?", ["even", "odd"]),
+    ("magnitude", "Is the number in the sentence above or below 50?", ["above", "below"]),
     ("plurality", 'Is the noun after "the" at the end singular or plural?', ["singular", "plural"]),
 ]
 
 
 def _sentence(properties: dict[str, str], rng: random.Random) -> str:
-    number = rng.randrange(10, 100)
-    if (number % 2 == 0) != (properties["parity"] == "even"):
-        number += 1 if number < 99 else -1
+    number = rng.randrange(50, 100) if properties["magnitude"] == "above" else rng.randrange(10, 50)
     singular, plural = rng.choice(_NOUNS)
     who = rng.choice(_WHO)
     return rng.choice(_FRAMES).format(
@@ -160,8 +158,8 @@ def _sentence(properties: dict[str, str], rng: random.Random) -> str:
 def standard_like_stream(
     n_tasks: int = 4, n_train: int | Sequence[int] = 192, n_eval: int = 32, seed: int = 0
 ) -> list[ContinualTask]:
-    """Tasks shaped like Standard CL over one sentence distribution: the topic (4 labels), the sentiment (2), the
-    parity of the number (2) and the plurality of the noun (2), each with its own instruction and label set. A
+    """Tasks shaped like Standard CL over one sentence distribution: the topic (4 labels), the sentiment (2), whether
+    the number is above or below 50 (2) and the plurality of the noun (2), each with its own instruction and label set. A
     task's labels are balanced; the other properties of its sentences are random. `n_train` is one count for every
     task or one per task; deterministic in `seed`; train and eval never share a sentence."""
     if not 1 <= n_tasks <= len(STANDARD_LIKE_TASKS):
