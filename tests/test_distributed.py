@@ -129,7 +129,9 @@ def test_two_processes_match_one_process(tmp_path, single_process, extensions_di
     rebuilt = dict(TaskLedger(str(tmp_path)).compose(tiny_t5(tie_word_embeddings=False)).named_parameters())
     for name, weight in multi["weights"].items():
         key = name.removeprefix("base_model.model.") + ".weight"
-        assert torch.equal(rebuilt[key], weight) and torch.allclose(rebuilt[key], single["weights"][name], atol=1e-5), key
+        assert torch.equal(rebuilt[key], weight) and torch.allclose(
+            rebuilt[key], single["weights"][name], atol=1e-5
+        ), key
 
 
 @pytest.mark.parametrize("backend", ["ddp", "zero3"])

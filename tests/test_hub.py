@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
-from tiny import task_stream, tiny_llama, tokenizer
+from tiny import continual_args, task_stream, tiny_llama, tokenizer
 from transformers import AutoModelForCausalLM
 
-from jumplora_hf import ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, JumpLoraConfig
+from jumplora_hf import ContinualSeq2SeqTrainer, JumpLoraConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,15 +48,8 @@ class RecordingHubApi:
 
 
 def _trainer(out, api, tasks=3, strategy="every_save", push=True):
-    args = ContinualSeq2SeqConfig(
-        output_dir=str(out),
-        method="jumplora_inclora",
-        per_device_train_batch_size=4,
-        num_train_epochs=1,
-        learning_rate=1e-2,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
+    args = continual_args(
+        out,
         seed=5,
         push_to_hub=push,
         hub_model_id="someone/jumplora-run",

@@ -5,10 +5,9 @@ import os
 
 import pytest
 import torch
-from tiny import TINY_MODELS, task_stream, tokenizer
+from tiny import TINY_MODELS, continual_args, task_stream, tokenizer
 
 from jumplora_hf import (
-    ContinualSeq2SeqConfig,
     ContinualSeq2SeqTrainer,
     JumpLoraConfig,
     TaskLedger,
@@ -20,20 +19,7 @@ TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
 
 
 def _train(out, arch, method, tasks=3, dtype=torch.float32):
-    args = ContinualSeq2SeqConfig(
-        output_dir=str(out),
-        method=method,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-        learning_rate=1e-2,
-        num_train_epochs=1,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        seed=7,
-        disable_tqdm=True,
-        ella_lambda=[0.0, 100.0, 100.0] if "ella" in method else None,
-    )
+    args = continual_args(out, method)
     model = TINY_MODELS[arch]().to(dtype)
     trainer = ContinualSeq2SeqTrainer(
         model, args, tokenizer(), peft_config=JumpLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch])

@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
-from tiny import TINY_MODELS, task_stream, tokenizer
+from tiny import TINY_MODELS, continual_args, task_stream, tokenizer
 from transformers import TrainerCallback
 
 from jumplora_hf import (
     METHODS,
-    ContinualSeq2SeqConfig,
     ContinualSeq2SeqTrainer,
     JumpLoraConfig,
     ella_penalty,
@@ -25,22 +24,7 @@ TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
 
 
 def _args(tmp_path, method="jumplora_inclora", **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        method=method,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-        learning_rate=1e-2,
-        num_train_epochs=1,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        seed=7,
-        disable_tqdm=True,
-        ella_lambda=[0.0, 100.0, 100.0] if "ella" in method else None,
-    )
-    values.update(overrides)
-    return ContinualSeq2SeqConfig(**values)
+    return continual_args(tmp_path / "out", method, **overrides)
 
 
 def _trainer(tmp_path, arch="t5", method="jumplora_inclora", callbacks=None, **overrides):
@@ -258,3 +242,22 @@ def test_single_task_baselines_train_every_task_from_the_base_model(tmp_path):
         changed = (layer.get_base_layer().weight != before[name]).cpu().numpy()
         # only the last task's update is in the weights: the first task's was undone before the second began
         assert (pack_support(changed) == last_support[name]).all(), name
+
+
+def test_an_old_pickled_state_is_refused_and_never_loaded(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    # not even a valid pickle: loading it would fail loudly, refusing it must not try
+    (out / "continual_state.pt").write_bytes(b"\x80\x04not a state")
+    trainer = _trainer(tmp_path)
+    with pytest.raises(ValueError, match="pickle, which this version never loads"):
+        trainer.train_continual(task_stream(2))
+    assert sorted(p.name for p in out.iterdir()) == ["continual_state.pt"]  # nothing written, nothing removed
+
+
+def test_a_damaged_state_is_refused(tmp_path):
+    _trainer(tmp_path, "t5", "inclora").train_continual(task_stream(2))
+    tensors = next((tmp_path / "out").glob("continual_state-*.safetensors"))
+    tensors.write_bytes(tensors.read_bytes()[:-8] + b"garbage!")
+    with pytest.raises(ValueError, match="does not match continual_state.json"):
+        _trainer(tmp_path, "t5", "inclora").train_continual(task_stream(3))

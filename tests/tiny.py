@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from jumplora_hf import ContinualCallback, ContinualTask
+from jumplora_hf import ContinualCallback, ContinualSeq2SeqConfig, ContinualTask
 from jumplora_hf.bench.synthetic import keyword_task, keyword_task_stream
 from jumplora_hf.thresholds import threshold_groups
 from jumplora_hf.zero import gathered_adapters
@@ -77,3 +77,22 @@ class SurvivorProbe(ContinualCallback):
                 )
                 survivors = sum(int((layer.final_delta("default") != 0).sum()) for layer in layers)
                 self.counts.append([survivors, budget])
+
+
+def continual_args(output_dir, method: str = "jumplora_inclora", **overrides) -> ContinualSeq2SeqConfig:
+    """The tests' ContinualSeq2SeqConfig: batch 4, one epoch per task, lr 1e-2, CPU, a log every step, λ 100 for ELLA."""
+    values = dict(
+        output_dir=str(output_dir),
+        method=method,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-2,
+        num_train_epochs=1,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=7,
+        disable_tqdm=True,
+        ella_lambda=[0.0, 100.0, 100.0] if "ella" in method else None,
+    )
+    return ContinualSeq2SeqConfig(**{**values, **overrides})
