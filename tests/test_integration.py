@@ -64,52 +64,99 @@ def _jump_logs(trainer):
     return [h for h in trainer.state.log_history if "loss" in h]
 
 
-# ----------------------------------------------------------------------------- Trainer, causal LM
-def _plain_trainer(out, model=None, **overrides):
-    # the README's lines: get_jumplora_model, the Trainer as usual, attach_jumplora, train, finish_task
-    model = model or get_jumplora_model(
-        tiny_llama(), JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    )
-    encoded, collator = _data(False)
-    trainer = Trainer(
-        model=model,
-        args=_args(TrainingArguments, out, **overrides),
-        train_dataset=encoded.train,
-        data_collator=collator,
-    )
+# ----------------------------------------------------------------------------- the three trainers
+def _make(kind, out, model=None, **overrides):
+    """The README's lines in each trainer: get_jumplora_model (or trl's peft_config), the trainer as usual,
+    attach_jumplora; `train()` and `finish_task` are the test's."""
+    if kind == "sft":
+        trl = pytest.importorskip("trl")
+        from datasets import Dataset
+
+        texts = [f"{r['sentence']} -> {r['label']}" for r in task_stream(1, n_train=40)[0].train_dataset]
+        # bf16=False: SFTConfig's default autocasts the forward, the merged checkpoint is then compared in float32
+        args = _args(
+            trl.SFTConfig, out, max_length=64, packing=False, dataset_text_field="text", bf16=False, **overrides
+        )
+        trainer = trl.SFTTrainer(
+            model=model or tiny_llama(),
+            args=args,
+            train_dataset=Dataset.from_dict({"text": texts}),
+            processing_class=tokenizer(),
+            peft_config=JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        )
+    else:
+        t5 = kind == "seq2seq"
+        targets = ["q", "v"] if t5 else ["q_proj", "v_proj"]
+        base = tiny_t5(tie_word_embeddings=False) if t5 else tiny_llama()
+        model = model or get_jumplora_model(base, JumpLoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        encoded, collator = _data(t5)
+        if t5:
+            args = _args(
+                Seq2SeqTrainingArguments, out, predict_with_generate=True, per_device_eval_batch_size=4, **overrides
+            )
+            trainer = Seq2SeqTrainer(
+                model=model,
+                args=args,
+                train_dataset=encoded.train,
+                data_collator=collator,
+                processing_class=tokenizer(),
+            )
+        else:
+            trainer = Trainer(
+                model=model,
+                args=_args(TrainingArguments, out, **overrides),
+                train_dataset=encoded.train,
+                data_collator=collator,
+            )
     attach_jumplora(trainer)
     return trainer
 
 
-def test_trainer_gamma_ramp_tau_and_merged_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
-    trainer = _plain_trainer(tmp_path / "run", report_to=["tensorboard"])
+def _inputs(kind):
+    gen = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(3, 300, (2, 9), generator=gen)}
+    if kind == "seq2seq":
+        inputs["decoder_input_ids"] = torch.randint(3, 300, (2, 4), generator=gen)
+    return inputs
+
+
+KINDS = ["trainer", "seq2seq", "sft"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gamma_ramp_tau_and_the_merged_checkpoint(tmp_path, kind):
+    trainer = _make(kind, tmp_path / "run")
     trainer.train()
     logs = _jump_logs(trainer)
     gammas = [h["jump/gamma"] for h in logs]
     assert gammas[0] == 0.0 and gammas[-1] == 1.0 and gammas == sorted(gammas)  # in log_history, 0 → 1
-    assert logs[1]["jump/tau_min"] < 1e-30 < logs[3]["jump/tau_min"]  # τ set at S_start (step 2)
+    assert logs[1]["jump/tau_min"] < 1e-30 < logs[3]["jump/tau_min"]  # τ set at S_start (step 2 of 10)
     assert all("jump/sparsity" in h for h in logs[3:])
-    events = glob.glob(str(tmp_path / "tb" / "**" / "events.out.tfevents.*"), recursive=True)
+    trainer.model.eval()
+    with torch.no_grad():
+        adapted = trainer.model(**_inputs(kind)).logits  # the adapter at γ = 1
+    finish_task(trainer, merged_dir=str(tmp_path / "merged"), adapter_dir=str(tmp_path / "adapter"))
+    auto = T5ForConditionalGeneration if kind == "seq2seq" else AutoModelForCausalLM
+    merged = auto.from_pretrained(tmp_path / "merged").eval()  # plain transformers, no adapter
+    with torch.no_grad():
+        assert torch.allclose(merged(**_inputs(kind)).logits, adapted, atol=1e-5)
+    assert not any("lora" in name for name in merged.state_dict())
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert trainer.optimizer is None  # the next train() builds a fresh one
+
+
+def test_jump_scalars_reach_tensorboard(tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    trainer = _make("trainer", tmp_path / "run", report_to=["tensorboard"])
+    trainer.train()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = set()
-    for path in events:
+    for path in glob.glob(str(tmp_path / "tb" / "**" / "events.out.tfevents.*"), recursive=True):
         accumulator = EventAccumulator(path)
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
     assert {"train/jump/gamma", "train/jump/tau_mean", "train/jump/sparsity"} <= tags  # every report_to backend
-
-    inputs = {"input_ids": torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))}
-    trainer.model.eval()
-    with torch.no_grad():
-        adapted = trainer.model(**inputs).logits
-    finish_task(trainer, merged_dir=str(tmp_path / "merged"), adapter_dir=str(tmp_path / "adapter"))
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    with torch.no_grad():
-        assert torch.allclose(merged(**inputs).logits, adapted, atol=1e-5)
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    assert trainer.optimizer is None  # the next train() builds a fresh one
 
 
 class _Interrupt(TrainerCallback):
@@ -121,16 +168,15 @@ class _Interrupt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_trainer_resume_mid_ramp_equals_an_uninterrupted_run(tmp_path):
-    full = _plain_trainer(tmp_path / "full")
+@pytest.mark.parametrize("kind", KINDS)
+def test_resume_mid_ramp_equals_an_uninterrupted_run(tmp_path, kind):
+    full = _make(kind, tmp_path / "full")
     full.train()
-    part = _plain_trainer(tmp_path / "part", save_strategy="steps", save_steps=5)
+    part = _make(kind, tmp_path / "part", save_strategy="steps", save_steps=5)
     part.add_callback(_Interrupt(at_step=5))  # as if the job died in the γ ramp (S_start 2, S_final 8), after τ is set
     part.train()
     assert os.path.isdir(tmp_path / "part" / "checkpoint-5")
-    resumed = _plain_trainer(
-        tmp_path / "part", save_strategy="steps", save_steps=5
-    )  # a fresh process would start here
+    resumed = _make(kind, tmp_path / "part", save_strategy="steps", save_steps=5)  # a fresh process would start here
     resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-5"))
     expected = _lora_state(full.model)
     for name, value in _lora_state(resumed.model).items():
@@ -141,7 +187,7 @@ def test_trainer_resume_mid_ramp_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_task_after_task_with_a_fresh_optimizer(tmp_path):
-    trainer = _plain_trainer(tmp_path, optim="adamw_torch", weight_decay=1.0)
+    trainer = _make("trainer", tmp_path, optim="adamw_torch", weight_decay=1.0)
     trainer.train()
     taus = {id(layer.lora_log_tau["default"]) for _, layer in iter_jumplora_layers(trainer.model)}
     decayed = [g for g in trainer.optimizer.param_groups if g["weight_decay"] > 0]
@@ -165,32 +211,6 @@ def test_multi_process_launch_without_distribution_is_refused(monkeypatch, tmp_p
     model = get_jumplora_model(tiny_llama(), JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(RuntimeError, match="each would train alone.*use_cpu=True"):
         JumpLoRATrainerCallback().on_init_end(args, None, None, model=model)
-
-
-# ----------------------------------------------------------------------------- Seq2SeqTrainer, T5
-def test_seq2seq_trainer_with_generate_eval(tmp_path):
-    model = get_jumplora_model(
-        tiny_t5(tie_word_embeddings=False), JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"])
-    )
-    encoded, collator = _data(True)
-    args = _args(Seq2SeqTrainingArguments, tmp_path, predict_with_generate=True, per_device_eval_batch_size=4)
-    trainer = Seq2SeqTrainer(
-        model=model, args=args, train_dataset=encoded.train, data_collator=collator, processing_class=tokenizer()
-    )
-    attach_jumplora(trainer)
-    trainer.train()
-    gammas = [h["jump/gamma"] for h in _jump_logs(trainer)]
-    assert gammas[0] == 0.0 and gammas[-1] == 1.0
-    predicted = trainer.predict(encoded.prompts, max_new_tokens=encoded.max_new_tokens).predictions
-    inputs = {"input_ids": torch.randint(3, 300, (2, 9)), "decoder_input_ids": torch.randint(3, 300, (2, 4))}
-    trainer.model.eval()
-    with torch.no_grad():
-        adapted = trainer.model(**inputs).logits
-    finish_task(trainer, merged_dir=str(tmp_path / "merged"))
-    merged = T5ForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
-    with torch.no_grad():
-        assert torch.allclose(merged(**inputs).logits, adapted, atol=1e-5)
-    assert predicted.shape[0] == len(encoded.answers)
 
 
 # ----------------------------------------------------------------------------- trl's SFTTrainer
