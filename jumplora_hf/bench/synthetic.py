@@ -54,7 +54,7 @@ def keyword_task_stream(
 # ----------------------------------------------------------------------------- a stream shaped like Standard CL
 # Four tasks of different kinds, each with its own label set, over sentences of one distribution, as Standard CL's
 # dbpedia / amazon / yahoo / agnews are all short texts with their own label spaces. Every sentence has a topic, a
-# sentiment, a number and a noun; task i asks about one of them. No rule contradicts another (the label sets are
+# sentiment, an amount and an animal; task i asks about one of them. No rule contradicts another (the label sets are
 # disjoint), so a model that keeps every skill answers all four, while one that drifts to the newest task answers the
 # old questions with the newest task's labels: forgetting as in Standard CL.
 _TOPIC_WORDS = {
@@ -103,63 +103,44 @@ _SENTIMENT_WORDS = {
     "positive": ["great", "wonderful", "excellent", "lovely", "delightful", "superb", "pleasant", "brilliant"],
     "negative": ["awful", "terrible", "dreadful", "boring", "horrible", "disappointing", "miserable", "dull"],
 }
-_NOUNS = [
-    ("cat", "cats"),
-    ("child", "children"),
-    ("box", "boxes"),
-    ("mouse", "mice"),
-    ("tooth", "teeth"),
-    ("leaf", "leaves"),
-    ("city", "cities"),
-    ("bus", "buses"),
-    ("woman", "women"),
-    ("knife", "knives"),
-    ("horse", "horses"),
-    ("foot", "feet"),
-    ("glass", "glasses"),
-    ("story", "stories"),
-    ("wolf", "wolves"),
-    ("goose", "geese"),
-    ("tree", "trees"),
-    ("man", "men"),
-    ("baby", "babies"),
-    ("fox", "foxes"),
-]
+_AMOUNTS = {
+    "small": ["two", "three", "four", "five", "six", "seven", "a few", "a couple of"],
+    "large": ["ninety", "eighty", "seventy", "hundreds of", "thousands of", "a million", "countless", "sixty"],
+}
+_ANIMALS = {
+    "pet": ["cat", "dog", "hamster", "rabbit", "parrot", "goldfish", "kitten", "puppy"],
+    "wild": ["wolf", "tiger", "eagle", "bear", "lion", "shark", "crocodile", "leopard"],
+}
 _WHO = ["my neighbour", "the teacher", "a friend", "my brother", "the old man", "our guide", "my aunt", "the student"]
 _FRAMES = [
-    "{Who} had a {adj} time with {topic} at {n} o'clock and saw the {noun}.",
-    "After {topic}, {who} felt {adj}, wrote {n} lines and drew the {noun}.",
-    "{Who} called {topic} {adj}; room {n} still has the {noun}.",
-    "A {adj} day: {who} followed {topic}, paid {n} euros and fed the {noun}.",
+    "{Who} had a {adj} time with {topic}, counted {amount} stars and watched a {animal}.",
+    "After {topic}, {who} felt {adj}, wrote {amount} letters and drew a {animal}.",
+    "{Who} called {topic} {adj}, bought {amount} tickets and met a {animal}.",
+    "A {adj} day: {who} followed {topic}, saw {amount} lights and fed a {animal}.",
 ]
 
 STANDARD_LIKE_TASKS = [
     ("topic", "What is the sentence about?", ["sports", "food", "weather", "music"]),
     ("sentiment", "Is the feeling in the sentence positive or negative?", ["positive", "negative"]),
-    ("magnitude", "Is the number in the sentence above or below 50?", ["above", "below"]),
-    ("plurality", 'Is the noun after "the" at the end singular or plural?', ["singular", "plural"]),
+    ("amount", "Is the amount in the sentence small or large?", ["small", "large"]),
+    ("animal", "Is the animal in the sentence a pet or a wild animal?", ["pet", "wild"]),
 ]
 
 
 def _sentence(properties: dict[str, str], rng: random.Random) -> str:
-    number = rng.randrange(50, 100) if properties["magnitude"] == "above" else rng.randrange(10, 50)
-    singular, plural = rng.choice(_NOUNS)
     who = rng.choice(_WHO)
     return rng.choice(_FRAMES).format(
-        who=who,
-        Who=who[0].upper() + who[1:],
-        topic=rng.choice(_TOPIC_WORDS[properties["topic"]]),
-        adj=rng.choice(_SENTIMENT_WORDS[properties["sentiment"]]),
-        n=number,
-        noun=singular if properties["plurality"] == "singular" else plural,
+        who=who, Who=who[0].upper() + who[1:], topic=rng.choice(_TOPIC_WORDS[properties["topic"]]),
+        adj=rng.choice(_SENTIMENT_WORDS[properties["sentiment"]]), amount=rng.choice(_AMOUNTS[properties["amount"]]),
+        animal=rng.choice(_ANIMALS[properties["animal"]]),
     )
 
 
 def standard_like_stream(
     n_tasks: int = 4, n_train: int | Sequence[int] = 192, n_eval: int = 32, seed: int = 0
 ) -> list[ContinualTask]:
-    """Tasks shaped like Standard CL over one sentence distribution: the topic (4 labels), the sentiment (2), whether
-    the number is above or below 50 (2) and the plurality of the noun (2), each with its own instruction and label set. A
+    """Tasks shaped like Standard CL over one sentence distribution: the topic (4 labels), the sentiment (2), the size
+    of an amount (2: a property of numbers) and the kind of an animal (2: a property of words), each with its own instruction and label set. A
     task's labels are balanced; the other properties of its sentences are random. `n_train` is one count for every
     task or one per task; deterministic in `seed`; train and eval never share a sentence."""
     if not 1 <= n_tasks <= len(STANDARD_LIKE_TASKS):
