@@ -19,11 +19,12 @@ import argparse
 import os
 
 import torch
-from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration, set_seed
+from transformers import ByT5Tokenizer, PrinterCallback, T5Config, T5ForConditionalGeneration, set_seed
 
 from jumplora_hf import METHODS, ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, JumpLoraConfig
-from jumplora_hf.bench.console import print_report
+from jumplora_hf.bench.console import TaskProgress, print_report
 from jumplora_hf.bench.synthetic import keyword_task_stream
+from jumplora_hf.methods import display_name
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,9 +82,12 @@ def main(argv=None) -> dict:
         seed=args.seed,
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
+        disable_tqdm=True,
     )
     adapters = JumpLoraConfig(r=8, lora_alpha=16, target_modules=["q", "k", "v", "o", "wi", "wo"])
-    trainer = ContinualSeq2SeqTrainer(model, config, ByT5Tokenizer(), peft_config=adapters)
+    progress = TaskProgress(args.tasks, display_name(args.method))
+    trainer = ContinualSeq2SeqTrainer(model, config, ByT5Tokenizer(), peft_config=adapters, callbacks=[progress])
+    trainer.remove_callback(PrinterCallback)  # one line per task instead of every log
     report = trainer.train_continual(
         keyword_task_stream(args.tasks, args.train_examples, args.eval_examples, filler=(0, 0))
     )
