@@ -62,7 +62,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def quiet() -> None:
-    """One line per task: no per-step log dicts, progress bars or load messages from the libraries."""
+    """One line per task: no per-step log dicts, progress bars, load messages or deprecation notes from the libraries
+    (the output reads the same in a terminal and in a file)."""
+    import warnings
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF conversion's progress bar
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed, imported by transformers, would announce it
     import datasets
     import transformers
 
