@@ -2,7 +2,8 @@
 
     <run_dir>/ledger/task-03-agnews.safetensors
 
-JumpLoRA's updates are stored sparse (the flat indices of ΔW_final ≠ 0 and the values β·ΔW_final added there), the
+JumpLoRA's updates are stored sparse (where ΔW_final ≠ 0 — as int32 flat indices, or as a bit per entry when that is
+smaller, i.e. above 1/32 density — and the float32 values β·ΔW_final added there), the
 dense methods' as their factors A and B (update = β·B·A, recomputed with the merge's own product). The file's
 metadata holds the task (name, index), method, β, τ per threshold group, sparsity, steps, examples, a fingerprint of
 the training data and the package version. From the base model and the ledger any subset of tasks can be composed,
@@ -75,13 +76,13 @@ class LedgerEntry:
             keys = set(f.keys())
             for module, info in self.metadata["layers"].items():
                 shape, scaling = tuple(info["shape"]), float(info["scaling"])
-                if f"{module}.indices" in keys:
-                    updates[module] = LayerUpdate(
-                        shape,
-                        scaling,
-                        indices=f.get_tensor(f"{module}.indices").long(),
-                        values=f.get_tensor(f"{module}.values"),
-                    )
+                if f"{module}.indices" in keys or f"{module}.mask" in keys:
+                    if f"{module}.mask" in keys:  # a bit per entry, for the denser updates
+                        bits = np.unpackbits(f.get_tensor(f"{module}.mask").numpy(), count=shape[0] * shape[1])
+                        indices = torch.from_numpy(np.flatnonzero(bits)).long()
+                    else:
+                        indices = f.get_tensor(f"{module}.indices").long()
+                    updates[module] = LayerUpdate(shape, scaling, indices=indices, values=f.get_tensor(f"{module}.values"))
                 else:
                     updates[module] = LayerUpdate(
                         shape,
@@ -119,9 +120,14 @@ class TaskLedger:
                 "sparsity": sparsity.get(layer_name),
             }
             if layer.is_sparse:
-                small = layer.shape[0] * layer.shape[1] < 2**31
-                tensors[f"{module}.indices"] = layer.indices.to(torch.int32 if small else torch.int64).contiguous()
-                tensors[f"{module}.values"] = layer.values.float().contiguous()
+                numel = layer.shape[0] * layer.shape[1]
+                if 4 * len(layer.indices) > numel / 8:  # denser than 1/32: a bit per entry beats an int32 per nonzero
+                    mask = np.zeros(numel, dtype=bool)
+                    mask[layer.indices.numpy()] = True
+                    tensors[f"{module}.mask"] = torch.from_numpy(np.packbits(mask))
+                else:
+                    tensors[f"{module}.indices"] = layer.indices.to(torch.int32 if numel < 2**31 else torch.int64).contiguous()
+                tensors[f"{module}.values"] = layer.values.float().contiguous()  # in flat order, as the indices
             else:
                 tensors[f"{module}.lora_A"] = layer.lora_A.contiguous()
                 tensors[f"{module}.lora_B"] = layer.lora_B.contiguous()

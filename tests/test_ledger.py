@@ -141,3 +141,25 @@ def test_a_resumed_run_continues_the_same_ledger(tmp_path, runs):
             assert torch.equal(update.indices, full[module].indices) and torch.equal(
                 update.values, full[module].values
             )
+
+
+@pytest.mark.parametrize("density", [0.01, 0.4])
+def test_sparse_updates_round_trip_in_either_encoding(tmp_path, density):
+    from jumplora_hf.lifecycle import LayerUpdate, MergedTaskUpdate
+    from jumplora_hf.metrics import pack_support
+
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.randn(64, 96, generator=gen) * (torch.rand(64, 96, generator=gen) < density)
+    flat = dense.reshape(-1)
+    indices = torch.nonzero(flat, as_tuple=True)[0]
+    update = MergedTaskUpdate(
+        supports={"base_model.model.l": pack_support((dense != 0).numpy())}, numels={"base_model.model.l": dense.numel()},
+        layers={"base_model.model.l": LayerUpdate((64, 96), 2.0, indices=indices, values=flat[indices])},
+    )
+    path = TaskLedger(str(tmp_path)).write_task(0, "t", "jumplora_inclora", update)
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        assert ("l.mask" in f.keys()) == (density > 1 / 32) and ("l.indices" in f.keys()) == (density <= 1 / 32)
+    loaded = TaskLedger(str(tmp_path)).entries()[0].layers()["l"]
+    assert torch.equal(loaded.indices, indices) and torch.equal(loaded.dense(), dense)
