@@ -47,7 +47,10 @@ def main(argv=None) -> str:
     encoded = [encode_task(t, tokenizer, False, args.max_source_length) for t in tasks]
     checkpoint = _size(os.path.join(args.model_dir, "model.safetensors"))
     lines = ["| method | ledger (4 tasks) | merged checkpoint | ledger / checkpoint |", "|---|---|---|---|"]
-    revert_lines = ["| method | reverted task | " + " | ".join(t.name for t in tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    revert_lines = [
+        "| method | reverted task | " + " | ".join(t.name for t in tasks) + " |",
+        "|---|---|" + "---|" * len(tasks),
+    ]
     results = {}
     for method in sorted(os.listdir(args.root)):
         run_dir = os.path.join(args.root, method)
@@ -55,19 +58,37 @@ def main(argv=None) -> str:
             continue
         ledger = TaskLedger(run_dir)
         size = _size(os.path.join(run_dir, "ledger"))
-        lines.append(f"| {display_name(method)} | {size / 2**20:.1f} MiB | {checkpoint / 2**20:.0f} MiB (float32) | {size / checkpoint:.3f} |")
+        lines.append(
+            f"| {display_name(method)} | {size / 2**20:.1f} MiB | {checkpoint / 2**20:.0f} MiB (float32) | {size / checkpoint:.3f} |"
+        )
         names = [e.name for e in ledger.entries()]
         with torch.no_grad():
             final = evaluate_tasks(ledger.compose(copy.deepcopy(base)), tokenizer, encoded)
             rows = {"none": final}
             for name in names:
-                rows[name] = evaluate_tasks(ledger.compose(copy.deepcopy(base), [n for n in names if n != name]), tokenizer, encoded)
+                rows[name] = evaluate_tasks(
+                    ledger.compose(copy.deepcopy(base), [n for n in names if n != name]), tokenizer, encoded
+                )
         for name, row in rows.items():
             cells = [f"**{100 * a:.1f}**" if t.name == name else f"{100 * a:.1f}" for t, a in zip(tasks, row)]
-            revert_lines.append(f"| {display_name(method)} | {'– (the final model)' if name == 'none' else name} | " + " | ".join(cells) + " |")
+            revert_lines.append(
+                f"| {display_name(method)} | {'– (the final model)' if name == 'none' else name} | "
+                + " | ".join(cells)
+                + " |"
+            )
         results[method] = {"ledger_bytes": size, "checkpoint_bytes": checkpoint, "accuracy_after_revert": rows}
-    text = "\n".join(lines + ["", *revert_lines, "",
-                              "Accuracy (%) on each task (32 evaluation examples each); bold: the reverted task."]) + "\n"
+    text = (
+        "\n".join(
+            lines
+            + [
+                "",
+                *revert_lines,
+                "",
+                "Accuracy (%) on each task (32 evaluation examples each); bold: the reverted task.",
+            ]
+        )
+        + "\n"
+    )
     print(text)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

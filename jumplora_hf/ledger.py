@@ -82,7 +82,9 @@ class LedgerEntry:
                         indices = torch.from_numpy(np.flatnonzero(bits)).long()
                     else:
                         indices = f.get_tensor(f"{module}.indices").long()
-                    updates[module] = LayerUpdate(shape, scaling, indices=indices, values=f.get_tensor(f"{module}.values"))
+                    updates[module] = LayerUpdate(
+                        shape, scaling, indices=indices, values=f.get_tensor(f"{module}.values")
+                    )
                 else:
                     updates[module] = LayerUpdate(
                         shape,
@@ -126,7 +128,9 @@ class TaskLedger:
                     mask[layer.indices.numpy()] = True
                     tensors[f"{module}.mask"] = torch.from_numpy(np.packbits(mask))
                 else:
-                    tensors[f"{module}.indices"] = layer.indices.to(torch.int32 if numel < 2**31 else torch.int64).contiguous()
+                    tensors[f"{module}.indices"] = layer.indices.to(
+                        torch.int32 if numel < 2**31 else torch.int64
+                    ).contiguous()
                 tensors[f"{module}.values"] = layer.values.float().contiguous()  # in flat order, as the indices
             else:
                 tensors[f"{module}.lora_A"] = layer.lora_A.contiguous()

@@ -23,8 +23,12 @@ def _properties_of(sentence: str) -> dict[str, str]:
         assert len(found) == 1, (sentence, found)
         return found[0]
 
-    return {"topic": which(synthetic._TOPIC_WORDS), "sentiment": which(synthetic._SENTIMENT_WORDS),
-            "amount": which(synthetic._AMOUNTS), "animal": which(synthetic._ANIMALS)}
+    return {
+        "topic": which(synthetic._TOPIC_WORDS),
+        "sentiment": which(synthetic._SENTIMENT_WORDS),
+        "amount": which(synthetic._AMOUNTS),
+        "animal": which(synthetic._ANIMALS),
+    }
 
 
 def test_four_kinds_of_task_with_disjoint_label_sets():

@@ -153,7 +153,8 @@ def test_sparse_updates_round_trip_in_either_encoding(tmp_path, density):
     flat = dense.reshape(-1)
     indices = torch.nonzero(flat, as_tuple=True)[0]
     update = MergedTaskUpdate(
-        supports={"base_model.model.l": pack_support((dense != 0).numpy())}, numels={"base_model.model.l": dense.numel()},
+        supports={"base_model.model.l": pack_support((dense != 0).numpy())},
+        numels={"base_model.model.l": dense.numel()},
         layers={"base_model.model.l": LayerUpdate((64, 96), 2.0, indices=indices, values=flat[indices])},
     )
     path = TaskLedger(str(tmp_path)).write_task(0, "t", "jumplora_inclora", update)

@@ -130,8 +130,11 @@ STANDARD_LIKE_TASKS = [
 def _sentence(properties: dict[str, str], rng: random.Random) -> str:
     who = rng.choice(_WHO)
     return rng.choice(_FRAMES).format(
-        who=who, Who=who[0].upper() + who[1:], topic=rng.choice(_TOPIC_WORDS[properties["topic"]]),
-        adj=rng.choice(_SENTIMENT_WORDS[properties["sentiment"]]), amount=rng.choice(_AMOUNTS[properties["amount"]]),
+        who=who,
+        Who=who[0].upper() + who[1:],
+        topic=rng.choice(_TOPIC_WORDS[properties["topic"]]),
+        adj=rng.choice(_SENTIMENT_WORDS[properties["sentiment"]]),
+        amount=rng.choice(_AMOUNTS[properties["amount"]]),
         animal=rng.choice(_ANIMALS[properties["animal"]]),
     )
 
