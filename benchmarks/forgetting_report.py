@@ -223,7 +223,11 @@ def plot_tau_and_density(run_dirs: dict[str, str], path: str) -> str | None:
 
 
 def publish(runs: dict, out: str) -> None:
-    """Copy each run's reports (not its state or ledger) into out/<group>/<order>/<method>/seed<seed>."""
+    """Copy each run's reports (not its state or ledger) into out/<group>/<order>/<method>/seed<seed>.
+
+    Copied back into a worker's runs/forgetting, a finished run counts as finished there: that is how the experiment
+    goes on in a later session on a machine that kept only the repository.
+    """
     for report in runs.values():
         source = report["_dir"]
         rel = os.path.relpath(source, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(source)))))
@@ -264,7 +268,7 @@ def main(argv=None) -> None:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "report.md"), "w") as f:
             f.write(text + "\n")
-        publish({**test}, os.path.join(args.out, "runs"))
+        publish({**test, **grid, **dev}, os.path.join(args.out, "runs"))
         jump = {
             f"seed {s}": r["_dir"]
             for (o, m, s), r in sorted(test.items())

@@ -55,6 +55,8 @@ def build_model_card(
     accuracy matrix and OA/BWT/FWT (also as `model-index` results), sparsity and overlap per task, and the plots."""
     method = report["method"]
     base = run_config.get("base_model") or None
+    local = run_config.get("base_model_is_local", bool(base) and os.path.isdir(base))
+    auto_class = "AutoModelForSeq2SeqLM" if run_config.get("is_encoder_decoder") else "AutoModelForCausalLM"
     sequence = " → ".join(report["tasks"])
     results = [
         EvalResult(
@@ -74,7 +76,7 @@ def build_model_card(
     ]
     data = ModelCardData(
         library_name="transformers",
-        base_model=base,
+        base_model=None if local else base,
         tags=["continual-learning", "jumplora", "lora", "peft", method],
         model_name=repo_id.split("/")[-1],
         eval_results=results or None,
@@ -89,22 +91,22 @@ def build_model_card(
         "",
         f"# {repo_id.split('/')[-1]}",
         "",
-        f"{f'`{base}`' if base else 'A model'} trained on {len(report['tasks'])} tasks in a row with **{display_name(method)}** "
+        f"{f'`{base}`' if base else 'A model'}{' (a local checkpoint)' if local else ''} trained on {len(report['tasks'])} tasks in a row with **{display_name(method)}** "
         f"([JumpLoRA, arXiv 2604.16171]({PAPER}), trained with the `jumplora_hf` package). After each task its "
         "update was merged into the base weights, so this is a plain transformers checkpoint: no adapter is needed.",
         "",
         "## Load it",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer  # AutoModelForSeq2SeqLM for T5",
-        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+        f"from transformers import {auto_class}, AutoTokenizer",
+        f'model = {auto_class}.from_pretrained("{repo_id}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
         "```",
         "",
     ]
     if tags_by_task:
         lines += ["The model after each task is a tagged revision:", "", "```python"]
-        lines += [f'AutoModelForCausalLM.from_pretrained("{repo_id}", revision="{tag}")' for tag in tags_by_task]
+        lines += [f'{auto_class}.from_pretrained("{repo_id}", revision="{tag}")' for tag in tags_by_task]
         lines += ["```", ""]
     lines += [
         "## Task order and method",
@@ -116,7 +118,12 @@ def build_model_card(
         f"| method | {display_name(method)} (`{method}`) |",
     ]
     for key, value in {**adapters, **hyper}.items():
-        if key == "method" or value is None or value == -1:
+        if (
+            key == "method"
+            or value is None
+            or value == -1
+            or (key.startswith("ella_") and not method.endswith("ella"))
+        ):
             continue
         shown = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
         lines.append(f"| {key} | {shown} |")
@@ -146,7 +153,7 @@ def build_model_card(
             "takes one task back out, or composes any subset of tasks:",
             "",
             "```bash",
-            f"huggingface-cli download {repo_id} --local-dir run",
+            f"hf download {repo_id} --local-dir run",
             "python -m jumplora_hf.ledger show run",
             f"python -m jumplora_hf.ledger rebuild run --base {base or 'BASE_MODEL'} --out rebuilt",
             f"python -m jumplora_hf.ledger revert run --base {base or 'BASE_MODEL'} --task {report['tasks'][0]} --out without_{report['tasks'][0]}",

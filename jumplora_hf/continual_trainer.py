@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -237,7 +238,15 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         }
         from . import __version__
 
-        return {"base_model": base, "package_version": __version__, "training": training, "adapters": adapters}
+        return {
+            "base_model": base,
+            # a local folder is no Hub id: the card names it but leaves it out of the metadata the Hub validates
+            "base_model_is_local": bool(base) and os.path.isdir(base),
+            "is_encoder_decoder": bool(getattr(self.model.get_base_model().config, "is_encoder_decoder", False)),
+            "package_version": __version__,
+            "training": training,
+            "adapters": adapters,
+        }
 
     def push_to_hub(
         self,

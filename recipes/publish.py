@@ -1,7 +1,7 @@
 """Publish a finished run dir to the Hugging Face Hub: one commit with the merged model (a plain transformers
 checkpoint) and its tokenizer, the model card, continual_metrics.json, the plots and the ledger. Cluster nodes are
 often offline and the login node is not: train with `--save_merged true` (the recipes' default), then publish from
-anywhere that has the run dir, network and a write token (`--hub_token` or `huggingface-cli login`).
+anywhere that has the run dir, network and a write token (`--hub_token` or `hf auth login`).
 
     python recipes/publish.py runs/order1/jumplora_inclora/seed42 --hub_model_id me/smollm2-jumplora-order1
     python recipes/publish.py RUN_DIR --hub_model_id ID --hub_private_repo --no_ledger

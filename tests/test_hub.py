@@ -158,3 +158,42 @@ def test_hub_strategy_maps_to_per_task_pushes(tmp_path, strategy, per_task):
 
     trainer, _ = _trainer(tmp_path, RecordingHubApi(str(tmp_path / "p")), strategy=strategy)
     assert HubPublisher.from_trainer(trainer).per_task is per_task
+
+
+def _card_inputs():
+    report = {
+        "method": "jumplora_inclora",
+        "tasks": ["a", "b"],
+        "accuracy_matrix": [[1.0, None], [0.5, 1.0]],
+        "overall_accuracy": 0.75,
+        "backward_transfer": -0.5,
+        "per_task": [
+            {"name": "a", "metric": "exact_match", "sparsity": {"mean": 0.7}, "tau": {"global": 0.001}},
+            {"name": "b", "metric": "exact_match", "sparsity": {"mean": 0.6}, "jaccard_with_previous": {"mean": 0.2}},
+        ],
+    }
+    return report, {"training": {"method": "jumplora_inclora"}, "adapters": {"r": 4}}
+
+
+@pytest.mark.parametrize(
+    "base,local,encoder_decoder,auto_class",
+    [
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", False, False, "AutoModelForCausalLM"),
+        ("models/SmolLM2-135M-Instruct", True, False, "AutoModelForCausalLM"),
+        ("google-t5/t5-large", False, True, "AutoModelForSeq2SeqLM"),
+    ],
+)
+def test_card_names_a_hub_base_model_only_and_loads_with_the_right_class(
+    tmp_path, base, local, encoder_decoder, auto_class
+):
+    from jumplora_hf.card import build_model_card
+
+    report, run_config = _card_inputs()
+    run_config.update(base_model=base, base_model_is_local=local, is_encoder_decoder=encoder_decoder)
+    build_model_card(report, run_config, "me/run").save(tmp_path / "README.md")
+    card = ModelCard.load(tmp_path / "README.md")
+    # the Hub validates base_model as a model id: a local folder (which looks like owner/name) stays out of it
+    assert card.data.base_model == (None if local else base)
+    assert f"`{base}`" in card.text and ("(a local checkpoint)" in card.text) is local
+    assert f'{auto_class}.from_pretrained("me/run")' in card.text and "hf download me/run" in card.text
+    assert "huggingface-cli" not in card.text  # not in huggingface_hub 1.x / 2.x
