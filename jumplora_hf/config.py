@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 
 from peft import LoraConfig
 
 from ._compat import register_custom_lora_layer
+from .files import read_json, write_json_atomic
 from .groups import THRESHOLD_MODES
 
 # The layer class for each base layer type; layer.py registers JumpLoraLinear for nn.Linear when it is imported
@@ -19,6 +19,9 @@ _LAYERS: dict[type, type] = {}
 # no module, so that plain `PeftModel.from_pretrained` fails with this message instead of silently loading the
 # dense LoRA update (its layers would ignore τ); `JumpLoraConfig.from_pretrained` restores the targets.
 SAVED_TARGETS_KEY = "jumplora_target_modules"
+# modules_to_save would give plain PEFT something to wrap, and its "no modules were targeted" error would then lose
+# the hint: it is kept under its own key too
+SAVED_MODULES_TO_SAVE_KEY = "jumplora_modules_to_save"
 PLAIN_PEFT_SENTINEL = "(?#This is a JumpLoRA adapter - load it with jumplora_hf.load_jumplora_adapter)(?!)"
 
 
@@ -142,6 +145,8 @@ class JumpLoraConfig(LoraConfig):
         kwargs.pop("peft_type", None)
         if SAVED_TARGETS_KEY in kwargs:
             kwargs["target_modules"] = kwargs.pop(SAVED_TARGETS_KEY)
+        if SAVED_MODULES_TO_SAVE_KEY in kwargs:
+            kwargs["modules_to_save"] = kwargs.pop(SAVED_MODULES_TO_SAVE_KEY)
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         return cls(**{k: v for k, v in kwargs.items() if k in known})
 
@@ -150,9 +155,9 @@ class JumpLoraConfig(LoraConfig):
         if not self.use_jumprelu:
             return  # a plain LoRA adapter (IncLoRA, ELLA): plain PEFT loads it correctly
         path = os.path.join(save_directory, "adapter_config.json")
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = read_json(path)
         saved[SAVED_TARGETS_KEY] = saved["target_modules"]
         saved["target_modules"] = PLAIN_PEFT_SENTINEL
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(saved, f, indent=2, sort_keys=True)
+        if saved.get("modules_to_save"):
+            saved[SAVED_MODULES_TO_SAVE_KEY], saved["modules_to_save"] = saved["modules_to_save"], None
+        write_json_atomic(path, saved, indent=2)

@@ -107,6 +107,19 @@ def test_merge_unmerge_and_safe_merge(arch, mode, fused):
     assert not any("lora" in name for name in merged.state_dict())
 
 
+def test_plain_peft_is_refused_with_the_hint_also_with_modules_to_save(tmp_path):
+    # modules_to_save gives plain PEFT a module to wrap; its own "no modules were targeted" error has no hint
+    config = JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["o_proj"])
+    model = _trained_like(get_jumplora_model(TINY_MODELS["llama"](), config)).eval()
+    expected = _logits(model, "llama")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="load_jumplora_adapter"):
+        PeftModel.from_pretrained(TINY_MODELS["llama"](), str(tmp_path))
+    reloaded = load_jumplora_adapter(TINY_MODELS["llama"](), str(tmp_path)).eval()
+    assert reloaded.peft_config["default"].modules_to_save == ["o_proj"]
+    assert torch.allclose(_logits(reloaded, "llama"), expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch,mode,fused", CASES)
 def test_save_reload_and_state_dict_into_a_fresh_model(tmp_path, arch, mode, fused):
     model = _model(arch, mode, fused)

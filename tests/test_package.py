@@ -124,6 +124,7 @@ def test_every_entry_point_sets_the_openmp_default_before_torch():
     scripts += [
         os.path.join(ROOT, "benchmarks", n) for n in os.listdir(os.path.join(ROOT, "benchmarks")) if n.endswith(".py")
     ]
+    scripts.append(os.path.join(ROOT, "tests", "conftest.py"))  # pytest loads it before any test module
     for path in scripts:
         tree = ast.parse(open(path, encoding="utf-8").read())
         first_heavy = setdefault = None
