@@ -111,6 +111,11 @@ def test_plain_peft_is_refused_with_the_hint_also_with_modules_to_save(tmp_path)
     # modules_to_save gives plain PEFT a module to wrap; its own "no modules were targeted" error has no hint
     config = JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["o_proj"])
     model = _trained_like(get_jumplora_model(TINY_MODELS["llama"](), config)).eval()
+    saved_copies = [m for n, m in model.named_modules() if n.endswith("o_proj.modules_to_save.default")]
+    assert saved_copies
+    with torch.no_grad():
+        for copy in saved_copies:
+            copy.weight.add_(0.05)  # so that the reload must restore the trained copies too
     expected = _logits(model, "llama")
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="load_jumplora_adapter"):
