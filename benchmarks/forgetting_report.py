@@ -20,6 +20,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 
 from jumplora_hf import metrics  # noqa: E402
 from jumplora_hf.methods import display_name  # noqa: E402
@@ -120,7 +121,15 @@ def tables(runs: dict, title: str) -> list[str]:
                 f"{fmt(*ci(d_oa))} | {fmt(*ci(d_bwt))} | {signs} |"
             )
     lines += ["", "95% CI: Student's t with n − 1 degrees of freedom over the per-seed differences.", ""]
-    return lines
+    lines += ["#### Per seed (%)", "", "| order | method | seed | OA | BWT | FWT |", "|---|---|---|---|---|---|"]
+    for order, method in keys:
+        for s in sorted(s for o, m, s in runs if (o, m) == (order, method)):
+            row = summary(runs[order, method, s], a0.get((order, s)))
+            fwt = "–" if row["FWT"] is None else f"{100 * row['FWT']:.1f}"
+            lines.append(
+                f"| {order} | {display_name(method)} | {s} | {100 * row['OA']:.1f} | {100 * row['BWT']:.1f} | {fwt} |"
+            )
+    return lines + [""]
 
 
 def matrices(runs: dict) -> list[str]:
@@ -159,6 +168,8 @@ def matrices(runs: dict) -> list[str]:
 
 
 def dev_tables(runs: dict) -> list[str]:
+    if not runs:
+        return ["No finished runs yet.", ""]
     lines = [
         "| variant | method | seeds | dev OA | dev BWT | sparsity of the last update | λ per task (tasks 2-4) |",
         "|---|---|---|---|---|---|---|",
@@ -236,6 +247,12 @@ def publish(runs: dict, out: str) -> None:
         for name in os.listdir(source):
             if name.endswith((".json", ".csv", ".png", ".jsonl")) and not name.startswith("continual_state"):
                 shutil.copy2(os.path.join(source, name), dest)
+    # the copies are the only record that outlives the machine: say so if git would not keep them
+    ignored = subprocess.run(["git", "check-ignore", "-q", out], capture_output=True)
+    if ignored.returncode == 0:
+        print(
+            f"WARNING: git ignores {out}; `git add -f` it or fix .gitignore, else the runs are lost with the machine"
+        )
 
 
 def main(argv=None) -> None:
