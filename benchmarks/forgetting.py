@@ -9,8 +9,9 @@ can run. Runs resume from their last finished task, so a worker can be stopped a
     nohup python benchmarks/forgetting.py work > runs/forgetting/worker1.log 2>&1 &
     nohup nice -n 19 python benchmarks/forgetting.py work > runs/forgetting/worker2.log 2>&1 &   # a second, low priority
     python benchmarks/forgetting.py work --plan dev          # the dev study of τ's learning rate and auto-λ
+    python benchmarks/forgetting.py work --plan variants     # then the test runs of what dev favours (if any)
 
-The dev plan's "grid λ" arm reads the λ grid's runs from GRID_ROOT (default: runs/forgetting of this checkout).
+The dev plan's "grid λ" arm reads the λ grid's runs from GRID_ROOT/runs/forgetting (default: this checkout's).
 
 Needs the converted model (make demo writes models/SmolLM2-135M-Instruct) and ../shared/cl_benchmark.
 """
@@ -126,10 +127,76 @@ def dev_plan() -> list[Run]:
     return runs
 
 
+# The protocol's rule for part 2: a variant is favoured on dev if its mean dev OA over SEEDS_DEV is at least this
+# many points above the default's and its mean dev BWT is not lower.
+FAVOURED_OA_MARGIN = 2.0
+# Each option's arms on dev: (the default's runs, {variant label: the variant's runs}), per method.
+VARIANT_ARMS = {
+    ("taulr", "jumplora_inclora"): ("dev_taulr1", {"10": "dev_taulr10", "100": "dev_taulr100"}),
+    ("auto", "ella"): ("dev_gridlambda", {"auto": "dev_auto"}),
+    ("auto", "jumplora_ella"): ("dev_gridlambda", {"auto": "dev_auto"}),
+}
+
+
+def _dev_means(prefix: str, method: str, runs_dir: str | None = None) -> tuple[float, float] | None:
+    """Mean dev OA and BWT (in %) of one dev arm over SEEDS_DEV; None until all of its runs have finished."""
+    runs = [Run(f"{prefix}/order1/{method}/seed{seed}", "order1", method, seed, split="dev") for seed in SEEDS_DEV]
+    if not all(is_finished(r, runs_dir) for r in runs):
+        return None
+    reports = [_report(r, runs_dir) for r in runs]
+    oa = sum(r["overall_accuracy"] for r in reports) / len(reports)
+    bwt = sum(r["backward_transfer"] for r in reports) / len(reports)
+    return 100 * oa, 100 * bwt
+
+
+def favoured_variants(runs_dir: str | None = None) -> list[tuple[str, str, str]] | None:
+    """(option, method, variant) of every variant the dev study favours; None until the dev study has finished."""
+    favoured = []
+    for (option, method), (default_prefix, variants) in VARIANT_ARMS.items():
+        default = _dev_means(default_prefix, method, runs_dir)
+        if default is None:
+            return None
+        for variant, prefix in variants.items():
+            means = _dev_means(prefix, method, runs_dir)
+            if means is None:
+                return None
+            if means[0] >= default[0] + FAVOURED_OA_MARGIN and means[1] >= default[1]:
+                favoured.append((option, method, variant))
+    return favoured
+
+
+def variant_plan(runs_dir: str | None = None) -> list[Run] | None:
+    """The test runs of the variants favoured on dev (labelled `variant_*`); None while the dev study runs."""
+    favoured = favoured_variants(runs_dir)
+    if favoured is None:
+        return None
+    runs = []
+    for option, method, variant in favoured:
+        if option == "taulr":
+            for seed in SEEDS_MAIN:
+                runs.append(
+                    Run(
+                        f"variant_taulr{variant}/order1/{method}/seed{seed}",
+                        "order1",
+                        method,
+                        seed,
+                        flags=["--tau_lr_multiplier", variant],
+                    )
+                )
+        else:
+            for seed in SEEDS_3:
+                runs.append(
+                    Run(f"variant_auto/order1/{method}/seed{seed}", "order1", method, seed, ella_lambda="auto")
+                )
+    return runs
+
+
 def plan(name: str = "main") -> list[Run]:
     """All runs, in the order a worker takes them (the main comparison first, paired by seed)."""
     if name == "dev":
         return dev_plan()
+    if name == "variants":
+        return variant_plan() or []
     runs = []
     for seed in SEEDS_MAIN:
         for method in ("inclora", "jumplora_inclora"):
@@ -147,16 +214,17 @@ def plan(name: str = "main") -> list[Run]:
     return runs
 
 
-def _report(run: Run, root: str | None = None) -> dict | None:
-    path = os.path.join(root or ROOT, run.output_dir, "continual_metrics.json")
+def _report(run: Run, runs_dir: str | None = None) -> dict | None:
+    """The run's report, read from `runs_dir` (a folder of run names like runs/forgetting; default: this tree's)."""
+    path = os.path.join(runs_dir or os.path.join(ROOT, RUNS), run.name, "continual_metrics.json")
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
-def is_finished(run: Run, root: str | None = None) -> bool:
-    report = _report(run, root)
+def is_finished(run: Run, runs_dir: str | None = None) -> bool:
+    report = _report(run, runs_dir)
     if report is None:
         return False
     if run.single_task:
@@ -167,11 +235,11 @@ def is_finished(run: Run, root: str | None = None) -> bool:
 
 def best_lambda() -> str | None:
     """The grid's λ with the best dev OA (ties: the smaller λ); None until every grid run has finished."""
-    grid_root = os.environ.get("GRID_ROOT", ROOT)
+    grid_runs = os.path.join(os.environ.get("GRID_ROOT", ROOT), RUNS)
     grid = [r for r in plan() if r.name.startswith("dev_lambda")]
-    if not all(is_finished(r, grid_root) for r in grid):
+    if not all(is_finished(r, grid_runs) for r in grid):
         return None
-    scores = {r.ella_lambda: _report(r, grid_root)["overall_accuracy"] for r in grid}
+    scores = {r.ella_lambda: _report(r, grid_runs)["overall_accuracy"] for r in grid}
     return max(LAMBDA_GRID, key=lambda lam: (scores[lam], -float(lam)))
 
 
@@ -277,7 +345,7 @@ def list_runs(plan_name: str = "main") -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["list", "work"])
-    parser.add_argument("--plan", choices=["main", "dev"], default="main")
+    parser.add_argument("--plan", choices=["main", "dev", "variants"], default="main")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     work(args.plan) if args.action == "work" else list_runs(args.plan)

@@ -46,8 +46,41 @@ def load_runs(root: str, prefix: str) -> dict[tuple[str, str, int], dict]:
             )
         if done:
             report["_dir"] = seed_dir
+            report["_machine"] = machine(seed_dir)
             runs[os.path.basename(order_dir), method, int(seed.removeprefix("seed"))] = report
     return runs
+
+
+def machine(run_dir: str) -> str:
+    """ "GPU" or "CPU": where the run's last start trained it (run_info.json; runs before the GPU pool: the CPU)."""
+    path = os.path.join(run_dir, "run_info.json")
+    if not os.path.exists(path):
+        return "CPU"
+    starts = json.load(open(path)).get("starts") or [{}]
+    return "GPU" if "GPU" in starts[-1].get("machine", "") or "H200" in starts[-1].get("machine", "") else "CPU"
+
+
+VARIANT_LABELS = {"taulr10": "τ lr ×10", "taulr100": "τ lr ×100", "auto": "auto-λ"}
+
+
+def name(method: str) -> str:
+    """The display name of a method, or of a variant `method@variant` (a test run of an option chosen on dev)."""
+    base, _, variant = method.partition("@")
+    return display_name(base) + (f" ({VARIANT_LABELS.get(variant, variant)})" if variant else "")
+
+
+def comparisons(methods: set[str]) -> list[tuple[str, str]]:
+    """(method, baseline) pairs present in `methods`: JumpLoRA + X − X, and each variant against its default."""
+    pairs = [(m, b) for m, b in PAIRS if m in methods and b in methods]
+    for method in sorted(m for m in methods if "@" in m):
+        base, _, variant = method.partition("@")
+        pairs += [(method, base)] if base in methods else []
+        for jump, plain in PAIRS:
+            if base == jump and plain in methods:
+                pairs.append((method, plain))
+            if base == jump and f"{plain}@{variant}" in methods:
+                pairs.append((method, f"{plain}@{variant}"))
+    return pairs
 
 
 def summary(report: dict, a0: list[float] | None) -> dict:
@@ -83,16 +116,14 @@ def tables(runs: dict, title: str) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     a0 = {(o, s): r["single_task_accuracies"] for (o, m, s), r in runs.items() if m == "single_task"}
-    keys = sorted(
-        {(o, m) for o, m, _ in runs if m != "single_task"}, key=lambda k: (k[0], list(display_name(x) for x in [k[1]]))
-    )
+    keys = sorted({(o, m) for o, m, _ in runs if m != "single_task"}, key=lambda k: (k[0], name(k[1])))
     for order, method in keys:
         seeds = sorted(s for o, m, s in runs if (o, m) == (order, method))
         rows = [summary(runs[order, method, s], a0.get((order, s))) for s in seeds]
         sparsity = [runs[order, method, s]["per_task"][-1]["sparsity"]["mean"] for s in seeds]
         fwt = [r["FWT"] for r in rows if r["FWT"] is not None]
         lines.append(
-            f"| {order} | {display_name(method)} | {', '.join(map(str, seeds))} | {mean_std([r['OA'] for r in rows])} | "
+            f"| {order} | {name(method)} | {', '.join(map(str, seeds))} | {mean_std([r['OA'] for r in rows])} | "
             f"{mean_std([r['BWT'] for r in rows])} | {mean_std(fwt)}{'' if len(fwt) in (0, len(rows)) else f' (n={len(fwt)})'} | {mean_std(sparsity)} |"
         )
     lines += ["", "Mean ± sample std (ddof=1) over seeds, in %.", ""]
@@ -103,7 +134,7 @@ def tables(runs: dict, title: str) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for order in sorted({o for o, _ in keys}):
-        for method, base in PAIRS:
+        for method, base in comparisons({m for o, m in keys if o == order}):
             seeds = sorted(s for o, m, s in runs if (o, m) == (order, method) and (order, base, s) in runs)
             if not seeds:
                 continue
@@ -117,17 +148,23 @@ def tables(runs: dict, title: str) -> list[str]:
             fmt = lambda m, lo, hi: f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]" if not math.isnan(lo) else f"{m:+.1f}"
             signs = " ".join(f"{s}:{'+' if d > 0 else '−' if d < 0 else '0'}" for s, d in zip(seeds, d_bwt))
             lines.append(
-                f"| {order} | {display_name(method)} − {display_name(base)} | {', '.join(map(str, seeds))} | "
+                f"| {order} | {name(method)} − {name(base)} | {', '.join(map(str, seeds))} | "
                 f"{fmt(*ci(d_oa))} | {fmt(*ci(d_bwt))} | {signs} |"
             )
     lines += ["", "95% CI: Student's t with n − 1 degrees of freedom over the per-seed differences.", ""]
-    lines += ["#### Per seed (%)", "", "| order | method | seed | OA | BWT | FWT |", "|---|---|---|---|---|---|"]
+    lines += [
+        "#### Per seed (%)",
+        "",
+        "| order | method | seed | OA | BWT | FWT | trained on |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for order, method in keys:
         for s in sorted(s for o, m, s in runs if (o, m) == (order, method)):
             row = summary(runs[order, method, s], a0.get((order, s)))
             fwt = "–" if row["FWT"] is None else f"{100 * row['FWT']:.1f}"
             lines.append(
-                f"| {order} | {display_name(method)} | {s} | {100 * row['OA']:.1f} | {100 * row['BWT']:.1f} | {fwt} |"
+                f"| {order} | {name(method)} | {s} | {100 * row['OA']:.1f} | {100 * row['BWT']:.1f} | {fwt} | "
+                f"{runs[order, method, s]['_machine']} |"
             )
     return lines + [""]
 
@@ -139,17 +176,17 @@ def matrices(runs: dict) -> list[str]:
         reports = [runs[order, method, s] for s in seeds]
         tasks = reports[0]["tasks"]
         lines += [
-            f"**{order} · {display_name(method)}** (mean of seeds {', '.join(map(str, seeds))})",
+            f"**{order} · {name(method)}** (mean of seeds {', '.join(map(str, seeds))})",
             "",
             "| after \\ on | " + " | ".join(tasks) + " |",
             "|---" * (len(tasks) + 1) + "|",
         ]
-        for i, name in enumerate(tasks):
+        for i, task_name in enumerate(tasks):
             cells = [
                 statistics.fmean(r["accuracy_matrix"][i][j] for r in reports) if j <= i else None
                 for j in range(len(tasks))
             ]
-            lines.append(f"| {name} | " + " | ".join("" if c is None else f"{100 * c:.1f}" for c in cells) + " |")
+            lines.append(f"| {task_name} | " + " | ".join("" if c is None else f"{100 * c:.1f}" for c in cells) + " |")
         sparsity = [statistics.fmean(r["per_task"][i]["sparsity"]["mean"] for r in reports) for i in range(len(tasks))]
         overlap = [
             statistics.fmean(r["per_task"][i]["jaccard_with_previous"]["mean"] for r in reports)
@@ -185,13 +222,13 @@ def dev_tables(runs: dict) -> list[str]:
         )
         sparsity = [runs[variant, method, s]["per_task"][-1]["sparsity"]["mean"] for s in seeds]
         lines.append(
-            f"| {variant} | {display_name(method)} | {', '.join(map(str, seeds))} | {mean_std([r['OA'] for r in rows])} | "
+            f"| {variant} | {name(method)} | {', '.join(map(str, seeds))} | {mean_std([r['OA'] for r in rows])} | "
             f"{mean_std([r['BWT'] for r in rows])} | {mean_std(sparsity)} | {lam} |"
         )
     return lines + [""]
 
 
-def plot_tau_and_density(run_dirs: dict[str, str], path: str) -> str | None:
+def plot_tau_and_density(run_dirs: dict[str, str], path: str, title: str) -> str | None:
     """τ (top) and the gate's density 1 − sparsity of ΔW_jump (bottom) over each task's steps, one line per run."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -228,25 +265,28 @@ def plot_tau_and_density(run_dirs: dict[str, str], path: str) -> str | None:
     axes[0, 0].set_ylabel("τ")
     axes[1, 0].set_ylabel("gate density (%)\n(entries of ΔW_jump ≠ 0)")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("JumpLoRA + IncLoRA, order 1: τ and the gate's density over each task (test runs)")
+    fig.suptitle(title)
     fig.savefig(path, dpi=110)
     return path
 
 
-def publish(runs: dict, out: str) -> None:
-    """Copy each run's reports (not its state or ledger) into out/<group>/<order>/<method>/seed<seed>.
+def publish(runs: dict, root: str, out: str) -> None:
+    """Copy each run's reports (not its state or ledger) into out/<its path under root>.
 
     Copied back into a worker's runs/forgetting, a finished run counts as finished there: that is how the experiment
     goes on in a later session on a machine that kept only the repository.
     """
     for report in runs.values():
         source = report["_dir"]
-        rel = os.path.relpath(source, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(source)))))
-        dest = os.path.join(out, rel)
+        dest = os.path.join(out, os.path.relpath(source, report.get("_root", root)))
+        if os.path.realpath(dest) == os.path.realpath(source):
+            continue
         os.makedirs(dest, exist_ok=True)
-        for name in os.listdir(source):
-            if name.endswith((".json", ".csv", ".png", ".jsonl")) and not name.startswith("continual_state"):
-                shutil.copy2(os.path.join(source, name), dest)
+        for filename in os.listdir(source):
+            if filename.endswith((".json", ".csv", ".png", ".jsonl", ".log")) and not filename.startswith(
+                "continual_state"
+            ):
+                shutil.copy2(os.path.join(source, filename), dest)
     # the copies are the only record that outlives the machine: say so if git would not keep them
     ignored = subprocess.run(["git", "check-ignore", "-q", out], capture_output=True)
     if ignored.returncode == 0:
@@ -255,13 +295,53 @@ def publish(runs: dict, out: str) -> None:
         )
 
 
+def replica_table(test: dict, replica: dict) -> list[str]:
+    """The same run trained on the CPU and again on the GPU: how much the machine alone moves OA and BWT."""
+    keys = sorted(k for k in replica if k in test and test[k]["_machine"] == "CPU")
+    if not keys:
+        return ["No replicated run has finished.", ""]
+    lines = [
+        "| order | method | seed | OA CPU | OA GPU | BWT CPU | BWT GPU | |ΔOA| | |ΔBWT| |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    d_oa, d_bwt = [], []
+    for key in keys:
+        cpu, gpu = summary(test[key], None), summary(replica[key], None)
+        d_oa.append(abs(gpu["OA"] - cpu["OA"]))
+        d_bwt.append(abs(gpu["BWT"] - cpu["BWT"]))
+        lines.append(
+            f"| {key[0]} | {name(key[1])} | {key[2]} | {100 * cpu['OA']:.1f} | {100 * gpu['OA']:.1f} | "
+            f"{100 * cpu['BWT']:.1f} | {100 * gpu['BWT']:.1f} | {100 * d_oa[-1]:.1f} | {100 * d_bwt[-1]:.1f} |"
+        )
+    lines += [
+        "",
+        f"Mean |ΔOA| {100 * statistics.fmean(d_oa):.1f}, mean |ΔBWT| {100 * statistics.fmean(d_bwt):.1f} points "
+        f"over {len(keys)} runs (the same code, flags, data and seed; CPU: one thread; GPU: H200, float32).",
+        "",
+    ]
+    return lines
+
+
+def load_variants(root: str) -> dict:
+    """The test runs of the variants chosen on dev, keyed (order, "method@variant", seed)."""
+    runs = {}
+    for folder in sorted(glob.glob(os.path.join(root, "variant_*"))):
+        variant = os.path.basename(folder).removeprefix("variant_")
+        for (o, m, s), r in load_runs(root, os.path.basename(folder)).items():
+            runs[o, f"{m}@{variant}", s] = r
+    return runs
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=os.path.join("runs", "forgetting"))
     parser.add_argument("--dev_root", default=None, help="where the dev study ran (default: --root)")
-    parser.add_argument("--out", default=None, help="copy the reports and write report.md and the plot here")
+    parser.add_argument("--out", default=None, help="copy the reports and write report.md and the plots here")
     args = parser.parse_args(argv)
+    dev_root = args.dev_root or args.root
     test = load_runs(args.root, "test")
+    variants = load_variants(dev_root)
+    replica = load_runs(args.root, os.path.join("replica", "test"))
     grid = {
         k: v
         for p in ("dev_lambda3e4", "dev_lambda3e5", "dev_lambda3e6")
@@ -269,8 +349,11 @@ def main(argv=None) -> None:
     }
     dev = {}
     for prefix in ("dev_taulr1", "dev_taulr10", "dev_taulr100", "dev_auto", "dev_gridlambda"):
-        for (o, m, s), r in load_runs(args.dev_root or args.root, prefix).items():
+        for (o, m, s), r in load_runs(dev_root, prefix).items():
+            r["_root"] = dev_root
             dev[prefix.removeprefix("dev_"), m, s] = r
+    for r in variants.values():
+        r["_root"] = dev_root
     lines = (
         ["### Test split", ""]
         + tables(test, "OA, BWT, FWT")
@@ -279,20 +362,50 @@ def main(argv=None) -> None:
     )
     lines += ["### λ grid (dev, ELLA, seed 42)", ""] + dev_tables(grid)
     lines += ["### Dev study: τ's learning-rate multiplier and auto-λ (dev, order 1)", ""] + dev_tables(dev)
+    if variants:
+        needed = {"single_task"}
+        for _, method, _ in variants:
+            base = method.partition("@")[0]
+            needed |= {base} | {plain for jump, plain in PAIRS if jump == base}
+        bases = {k: r for k, r in test.items() if k[1] in needed}
+        lines += ["### Variants chosen on dev, test split (labelled; not the protocol's default)", ""]
+        lines += tables({**bases, **variants}, "OA, BWT, FWT of the variants and their baselines")
+    gpu_only = {k: r for k, r in test.items() if r["_machine"] == "GPU"} | {
+        k: r for k, r in replica.items() if test.get(k, {}).get("_machine") != "GPU"
+    }
+    lines += ["### The machine's effect: CPU runs trained again on the GPU", ""] + replica_table(test, replica)
+    if replica:
+        lines += ["### Secondary: the GPU runs alone (the replicas in place of the CPU runs)", ""]
+        lines += tables(gpu_only, "OA, BWT, FWT (GPU runs only)")
     text = "\n".join(lines)
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "report.md"), "w") as f:
             f.write(text + "\n")
-        publish({**test, **grid, **dev}, os.path.join(args.out, "runs"))
+        for r in replica.values():
+            r["_root"] = args.root
+        publish(
+            {**test, **grid, **dev, **variants, **{("replica",) + k: r for k, r in replica.items()}},
+            args.root,
+            os.path.join(args.out, "runs"),
+        )
         jump = {
-            f"seed {s}": r["_dir"]
+            f"seed {s} ({r['_machine']})": r["_dir"]
             for (o, m, s), r in sorted(test.items())
             if o == "order1" and m == "jumplora_inclora"
         }
         if jump:
-            plot_tau_and_density(jump, os.path.join(args.out, "tau_and_density_order1.png"))
+            title = "JumpLoRA + IncLoRA, order 1: τ and the gate's density over each task (test runs)"
+            plot_tau_and_density(jump, os.path.join(args.out, "tau_and_density_order1.png"), title)
+        tau_lr = {
+            f"τ lr ×{v.removeprefix('taulr')}, seed {s}": r["_dir"]
+            for (v, m, s), r in sorted(dev.items())
+            if v.startswith("taulr")
+        }
+        if tau_lr:
+            title = "JumpLoRA + IncLoRA, order 1, dev: τ and the gate's density for τ's learning-rate multipliers"
+            plot_tau_and_density(tau_lr, os.path.join(args.out, "tau_and_density_dev_taulr.png"), title)
 
 
 if __name__ == "__main__":
