@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PROTOCOL_COMMIT=cb24254129ee768f48ff10ae9200dbbb611ebaab
 WORK=.gpu/work              # kept on the device machine between calls (git-ignored)
-FIRST_PART_BYTES=${FIRST_PART_BYTES:-36000000}
+FIRST_PART_BYTES=${FIRST_PART_BYTES:-33000000}
 
 pack() {
   if [ -n "$(git status --porcelain --untracked-files=no -- jumplora_hf recipes benchmarks)" ]; then
@@ -74,7 +74,7 @@ EOF
   cp -r jumplora_hf recipes benchmarks "$WORK/rehearsal/head/"
   python3 "$WORK/rehearsal/head/benchmarks/forgetting_pool.py" --protocol_tree "$WORK/rehearsal/exp" \
     --protocol_commit "$PROTOCOL_COMMIT" --head_commit "$(cat "$WORK/HEAD_COMMIT")" --jobs "${JOBS:-14}" \
-    --device cuda --model "$WORK/random_model" --data_dir "$WORK/cl_benchmark" \
+    --done_root docs/results/forgetting/runs --device cuda --model "$WORK/random_model" --data_dir "$WORK/cl_benchmark" \
     --extra "--max_train_examples 16 --max_eval_examples 16" --deadline "${1:-240}" || {
       grep -rl --include=train.log Traceback "$WORK/rehearsal" | head -n 3 | xargs -r tail -n 25
       exit 1; }
@@ -88,6 +88,7 @@ run() {
   echo "$(cat "$WORK/gguf.sha256")  $WORK/gguf/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c -
   python3 -c "from jumplora_hf.bench.gguf import convert_gguf; \
 convert_gguf('$WORK/gguf/SmolLM2-135M-Instruct.Q4_1.gguf', '$WORK/models/SmolLM2-135M-Instruct')"
+  sha256sum "$WORK/models/SmolLM2-135M-Instruct/model.safetensors"
   local status=0
   python3 benchmarks/forgetting_pool.py --protocol_tree "$WORK/exp" --protocol_commit "$PROTOCOL_COMMIT" \
     --head_commit "$(cat "$WORK/HEAD_COMMIT")" --done_root docs/results/forgetting/runs --jobs "${JOBS:-14}" \
