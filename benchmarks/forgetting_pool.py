@@ -27,6 +27,7 @@ import json
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -114,6 +115,7 @@ class Pool:
         # the dev study's grid-λ arm reads the λ grid, which the protocol's tree trains
         os.environ["GRID_ROOT"] = self.protocol.ROOT
         self.running: dict[str, tuple[Job, subprocess.Popen, float]] = {}
+        self.durations: list[float] = []  # seconds of each run finished here
         self.done: dict[str, str] = {}  # run name -> "finished" | "failed (exit N)" | "stopped at the deadline"
         self.start = time.monotonic()
 
@@ -170,11 +172,15 @@ class Pool:
             record_end(job, seconds, process.returncode)
             finished = process.returncode == 0 and job.module.is_finished(job.run)
             self.done[name] = "finished" if finished else f"failed (exit {process.returncode})"
+            if finished:
+                self.durations.append(seconds)
             self.log(f"{self.done[name]}: {name} in {seconds:.0f} s")
 
     def fill(self) -> bool:
         """Starts what can start now; False when nothing runs (so nothing that waits can become ready)."""
-        late = bool(self.args.deadline) and self.elapsed() + self.args.last_start > self.args.deadline
+        # a run starts only if it can finish by the deadline, judged by the runs finished so far
+        expected = statistics.median(self.durations) if self.durations else 0.0
+        late = bool(self.args.deadline) and self.elapsed() + max(self.args.last_start, expected) > self.args.deadline
         for job in self.queue():
             if late or len(self.running) >= self.args.jobs:
                 break

@@ -4,9 +4,9 @@
 # working tree), so it travels in two calls made back to back, while the machine stays warm:
 #
 #   bash benchmarks/gpu_forgetting.sh pack          # here, on a clean commit: .gpu/stage1 and .gpu/stage2
-#   bash benchmarks/gpu_forgetting.sh stage         # there, call 1 (carry .gpu/stage1): installs what the machine
-#                                                   #   lacks, keeps the first half, rehearses every plan on a
-#                                                   #   random-weight model of the same shape (tiny sizes)
+#   bash benchmarks/gpu_forgetting.sh stage [SECONDS] # there, call 1 (carry .gpu/stage1): installs what the
+#                                                   #   machine lacks, keeps the first half; with SECONDS, rehearses
+#                                                   #   every plan on random weights of the model's shape (tiny sizes)
 #   bash benchmarks/gpu_forgetting.sh run SECONDS   # there, call 2 (carry .gpu/stage2): the model, then the runs
 #                                                   #   for SECONDS at most; their reports come back in $OUT
 #   bash benchmarks/gpu_forgetting.sh unpack TAR    # here: the reports into runs/forgetting of this checkout and of
@@ -14,6 +14,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROTOCOL_COMMIT=cb24254129ee768f48ff10ae9200dbbb611ebaab
+# The protocol commit's τ set-up searched a CUDA histogram with a CPU value (a crash on the GPU, nothing on the CPU);
+# its copy gets the one-line fix that this checkout has (jumplora_hf/thresholds.py, _select_bin), and says so.
+CUDA_FIX='s/torch.tensor(rank, dtype=cumulative.dtype)/torch.tensor(rank, dtype=cumulative.dtype, device=cumulative.device)/'
+PROTOCOL_LABEL="$PROTOCOL_COMMIT+cuda-searchsorted-fix"
 WORK=.gpu/work              # kept on the device machine between calls (git-ignored)
 FIRST_PART_BYTES=${FIRST_PART_BYTES:-33000000}
 
@@ -31,7 +35,11 @@ pack() {
     -d .gpu/stage1/whl transformers==5.23.0 peft==0.21.2 accelerate==1.15.0 datasets==5.2.0 evaluate==0.4.6 \
     huggingface_hub==2.4.0 tokenizers==0.23.3 gguf==0.19.0 dill==0.4.1 multiprocess==0.70.19
   git rev-parse HEAD > .gpu/stage1/HEAD_COMMIT
-  git archive "$PROTOCOL_COMMIT" jumplora_hf recipes benchmarks | xz -T2 > .gpu/stage1/protocol_tree.tar.xz
+  rm -rf .gpu/protocol_tree && mkdir -p .gpu/protocol_tree
+  git archive "$PROTOCOL_COMMIT" jumplora_hf recipes benchmarks | tar -x -C .gpu/protocol_tree
+  sed -i "$CUDA_FIX" .gpu/protocol_tree/jumplora_hf/thresholds.py
+  grep -q "device=cumulative.device" .gpu/protocol_tree/jumplora_hf/thresholds.py
+  tar -cJf .gpu/stage1/protocol_tree.tar.xz -C .gpu/protocol_tree .
   tar -cJf .gpu/stage1/cl_benchmark.tar.xz -C ../shared cl_benchmark/instructions.json cl_benchmark/orders.json \
     cl_benchmark/dbpedia cl_benchmark/amazon cl_benchmark/yahoo cl_benchmark/agnews
   tar -cJf .gpu/stage1/model_shape.tar.xz -C models/SmolLM2-135M-Instruct --exclude='*.safetensors' .
@@ -59,7 +67,8 @@ stage() {
   python3 -c "import torch, transformers, peft, accelerate, datasets; print('torch', torch.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, \
 'datasets', datasets.__version__, 'tf32 matmul', torch.backends.cuda.matmul.allow_tf32)"
-  # the rehearsal: every plan, 2 steps and 16 examples per task, on random weights of the model's shape
+  [ "${1:-0}" = 0 ] && return 0
+  # the rehearsal (when given seconds): every plan, 2 steps and 16 examples per task, on random weights
   python3 - "$WORK" <<'EOF'
 import sys, torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -73,9 +82,9 @@ EOF
   cp -r "$WORK/exp" "$WORK/rehearsal/exp"
   cp -r jumplora_hf recipes benchmarks "$WORK/rehearsal/head/"
   python3 "$WORK/rehearsal/head/benchmarks/forgetting_pool.py" --protocol_tree "$WORK/rehearsal/exp" \
-    --protocol_commit "$PROTOCOL_COMMIT" --head_commit "$(cat "$WORK/HEAD_COMMIT")" --jobs "${JOBS:-14}" \
+    --protocol_commit "$PROTOCOL_LABEL" --head_commit "$(cat "$WORK/HEAD_COMMIT")" --jobs "${JOBS:-14}" \
     --done_root docs/results/forgetting/runs --device cuda --model "$WORK/random_model" --data_dir "$WORK/cl_benchmark" \
-    --extra "--max_train_examples 16 --max_eval_examples 16" --deadline "${1:-240}" || {
+    --extra "--max_train_examples 16 --max_eval_examples 16" --deadline "$1" || {
       grep -rl --include=train.log Traceback "$WORK/rehearsal" | head -n 3 | xargs -r tail -n 25
       exit 1; }
 }
@@ -90,7 +99,7 @@ run() {
 convert_gguf('$WORK/gguf/SmolLM2-135M-Instruct.Q4_1.gguf', '$WORK/models/SmolLM2-135M-Instruct')"
   sha256sum "$WORK/models/SmolLM2-135M-Instruct/model.safetensors"
   local status=0
-  python3 benchmarks/forgetting_pool.py --protocol_tree "$WORK/exp" --protocol_commit "$PROTOCOL_COMMIT" \
+  python3 benchmarks/forgetting_pool.py --protocol_tree "$WORK/exp" --protocol_commit "$PROTOCOL_LABEL" \
     --head_commit "$(cat "$WORK/HEAD_COMMIT")" --done_root docs/results/forgetting/runs --jobs "${JOBS:-14}" \
     --device cuda --machine "one NVIDIA H200, CUDA, float32 (TF32 off), ${JOBS:-14} runs at a time" \
     --model "$WORK/models/SmolLM2-135M-Instruct" --data_dir "$WORK/cl_benchmark" \

@@ -28,7 +28,7 @@ def _abs_bits(layer: JumpLoraLinear, adapter: str) -> torch.Tensor:
 def _select_bin(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
     """Bin holding the `rank`-th smallest (1-based) element, and the rank inside that bin."""
     cumulative = histogram.cumsum(0)
-    index = int(torch.searchsorted(cumulative, torch.tensor(rank, dtype=cumulative.dtype)))
+    index = int(torch.searchsorted(cumulative, torch.tensor(rank, dtype=cumulative.dtype, device=cumulative.device)))
     below = int(cumulative[index - 1]) if index > 0 else 0
     return index, rank - below
 

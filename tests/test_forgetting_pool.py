@@ -1,0 +1,212 @@
+"""The forgetting experiment's tooling: the pre-registered dev rule (benchmarks/forgetting.py) and the parallel pool
+(benchmarks/forgetting_pool.py) over a fake plan whose runs are tiny Python commands."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+forgetting = _load("forgetting")
+pool = _load("forgetting_pool")
+
+
+def _write_report(runs_dir, name, oa, bwt):
+    os.makedirs(os.path.join(runs_dir, name), exist_ok=True)
+    report = {
+        "tasks": ["a", "b", "c", "d"],
+        "accuracy_matrix": [[0.5, None, None, None]] * 3 + [[0.5, 0.5, 0.5, 0.5]],
+        "overall_accuracy": oa / 100,
+        "backward_transfer": bwt / 100,
+    }
+    with open(os.path.join(runs_dir, name, "continual_metrics.json"), "w") as f:
+        json.dump(report, f)
+
+
+def _dev_study(runs_dir, arms):
+    for prefix, method, oa, bwt in arms:
+        for seed in forgetting.SEEDS_DEV:
+            _write_report(runs_dir, f"{prefix}/order1/{method}/seed{seed}", oa, bwt)
+
+
+BASE_ARMS = [
+    ("dev_taulr1", "jumplora_inclora", 50.0, -20.0),
+    ("dev_gridlambda", "ella", 50.0, -20.0),
+    ("dev_gridlambda", "jumplora_ella", 50.0, -20.0),
+]
+
+
+def test_a_variant_is_favoured_only_by_two_oa_points_without_losing_bwt(tmp_path):
+    runs = str(tmp_path)
+    _dev_study(runs, BASE_ARMS)
+    assert forgetting.favoured_variants(runs) is None  # the variants have not run
+    _dev_study(
+        runs,
+        [
+            ("dev_taulr10", "jumplora_inclora", 52.0, -20.0),  # +2 OA, same BWT: favoured
+            ("dev_taulr100", "jumplora_inclora", 55.0, -20.5),  # more OA but lower BWT: not favoured
+            ("dev_auto", "ella", 51.9, -10.0),  # < 2 points: not favoured
+            ("dev_auto", "jumplora_ella", 60.0, -19.0),  # favoured
+        ],
+    )
+    assert forgetting.favoured_variants(runs) == [
+        ("taulr", "jumplora_inclora", "10"),
+        ("auto", "jumplora_ella", "auto"),
+    ]
+    plan = forgetting.variant_plan(runs)
+    taulr = [r for r in plan if r.name.startswith("variant_taulr10/")]
+    assert [r.seed for r in taulr] == list(forgetting.SEEDS_MAIN)
+    assert all(r.split == "test" and r.flags == ["--tau_lr_multiplier", "10"] for r in taulr)
+    auto = [r for r in plan if r.name.startswith("variant_auto/")]
+    assert [(r.method, r.seed, r.ella_lambda) for r in auto] == [
+        ("jumplora_ella", s, "auto") for s in forgetting.SEEDS_3
+    ]
+    assert "--ella_lambda" in forgetting.command(auto[0]) and "auto" in forgetting.command(auto[0])
+
+
+def test_an_unfinished_dev_run_keeps_the_variants_waiting(tmp_path):
+    runs = str(tmp_path)
+    _dev_study(
+        runs, BASE_ARMS + [("dev_taulr10", "jumplora_inclora", 70, 0), ("dev_taulr100", "jumplora_inclora", 70, 0)]
+    )
+    _write_report(runs, "dev_auto/order1/ella/seed42", 70, 0)  # seed 43 of this arm is missing
+    _dev_study(runs, [("dev_auto", "jumplora_ella", 70, 0)])
+    assert forgetting.favoured_variants(runs) is None and forgetting.variant_plan(runs) is None
+
+
+def test_commands_are_adapted_to_the_machine():
+    argv = [
+        "py",
+        "sc.py",
+        "--model_name_or_path",
+        "models/m",
+        "--use_cpu",
+        "true",
+        "--data_dir",
+        "../d",
+        "--seed",
+        "1",
+    ]
+    gpu = pool.adapt_command(argv, "cuda", "/abs/model", "/abs/data")
+    assert gpu == ["py", "sc.py", "--model_name_or_path", "/abs/model", "--data_dir", "/abs/data", "--seed", "1"]
+    cpu = pool.adapt_command(["py", "sc.py", "--seed", "1"], "cpu", None, None)
+    assert cpu == ["py", "sc.py", "--seed", "1", "--use_cpu", "true"]
+
+
+# A plan module shaped like benchmarks/forgetting.py: "b" waits for "a"; "fail" exits 3; "slow" sleeps.
+FAKE_PLAN = """
+import json, os, sys
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = os.path.join("runs", "forgetting")
+
+@dataclass
+class Run:
+    name: str
+    single_task: bool = False
+    flags: list = field(default_factory=list)
+
+    @property
+    def output_dir(self):
+        return os.path.join(RUNS, self.name)
+
+    def n_tasks(self):
+        return 4
+
+def plan(name="main"):
+    return [Run("test/a"), Run("test/b"), Run("test/fail"), Run("test/done_elsewhere"), Run("test/slow")]
+
+def is_finished(run, runs_dir=None):
+    return os.path.exists(os.path.join(runs_dir or os.path.join(ROOT, RUNS), run.name, "continual_metrics.json"))
+
+def command(run):
+    if run.name == "test/b" and not is_finished(Run("test/a")):
+        return None
+    code = {"test/fail": "raise SystemExit(3)", "test/slow": "import time; time.sleep(60)"}.get(run.name, "")
+    code += (
+        "\\nimport json, os, sys; d = sys.argv[sys.argv.index('--output_dir') + 1]; os.makedirs(d, exist_ok=True)"
+        "\\njson.dump({'argv': sys.argv[1:]}, open(os.path.join(d, 'continual_metrics.json'), 'w'))"
+    )
+    return [sys.executable, "-c", code, "--use_cpu", "true", "--output_dir", run.output_dir]
+"""
+
+
+def test_the_pool_respects_waits_goes_on_after_a_failure_replicates_and_stops_at_the_deadline(tmp_path):
+    tree = tmp_path / "protocol"
+    (tree / "benchmarks").mkdir(parents=True)
+    (tree / "benchmarks" / "forgetting.py").write_text(textwrap.dedent(FAKE_PLAN))
+    done_root = tmp_path / "done"
+    _write_report(str(done_root), "test/done_elsewhere", 50, -10)
+    argv = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "forgetting_pool.py"),
+        "--protocol_tree",
+        str(tree),
+        "--protocol_commit",
+        "abc123",
+        "--head_commit",
+        "def456",
+        "--done_root",
+        str(done_root),
+        "--skip_dev",
+        "--jobs",
+        "2",
+        "--device",
+        "cuda",
+        "--machine",
+        "test GPU",
+        "--deadline",
+        "20",
+        "--extra",
+        "--seed 7",
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr  # one run failed
+    log = done.stdout
+    assert "failed (exit 3): test/fail" in log
+    assert "stopped at the deadline: test/slow" in log
+    runs = tree / "runs" / "forgetting"
+    # b started only after a had finished
+    assert log.index("finished: test/a") < log.index("start test/b")
+    for name in ("test/a", "test/b", "replica/test/done_elsewhere"):
+        report = json.loads((runs / name / "continual_metrics.json").read_text())
+        assert "--use_cpu" not in report["argv"] and report["argv"][-2:] == ["--seed", "7"]
+        info = json.loads((runs / name / "run_info.json").read_text())["starts"][-1]
+        assert (info["commit"], info["machine"], info["returncode"]) == ("abc123", "test GPU", 0)
+    assert not (runs / "test" / "done_elsewhere").exists()  # finished elsewhere: only its replica runs here
+    assert json.loads((runs / "test" / "fail" / "run_info.json").read_text())["starts"][-1]["returncode"] == 3
+
+
+def test_the_pool_refuses_a_missing_tree(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "forgetting_pool.py"),
+            "--protocol_tree",
+            str(tmp_path / "x"),
+        ]
+        + ["--protocol_commit", "abc"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "no such folder" in done.stderr
+
+
+@pytest.mark.parametrize("script", ["gpu_forgetting.sh"])
+def test_the_device_script_parses(script):
+    subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", script)], check=True)
