@@ -9,8 +9,8 @@
 #                                                   #   every plan on random weights of the model's shape (tiny sizes)
 #   bash benchmarks/gpu_forgetting.sh run SECONDS   # there, call 2 (carry .gpu/stage2): the model, then the runs
 #                                                   #   for SECONDS at most; their reports come back in $OUT
-#   bash benchmarks/gpu_forgetting.sh unpack TAR    # here: the reports into runs/forgetting of this checkout and of
-#                                                   #   ../exp (a worktree at the protocol commit)
+#   bash benchmarks/gpu_forgetting.sh unpack TAR    # here: the reports into docs/results/forgetting/runs, where
+#                                                   #   forgetting_report.py reads them and workers resume from
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROTOCOL_COMMIT=cb24254129ee768f48ff10ae9200dbbb611ebaab
@@ -117,13 +117,14 @@ convert_gguf('$WORK/gguf/SmolLM2-135M-Instruct.Q4_1.gguf', '$WORK/models/SmolLM2
 }
 
 unpack() {
-  local archive=${1:?unpack TAR}
+  local archive=${1:?unpack TAR [DEST]} dest=${2:-docs/results/forgetting/runs}
   local scratch
   scratch=$(mktemp -d)
   tar -xzf "$archive" -C "$scratch"
-  mkdir -p runs ../exp/runs
-  cp -r "$scratch"/head/runs/. runs/ 2>/dev/null || true
-  cp -r "$scratch"/protocol/runs/. ../exp/runs/
+  mkdir -p "$dest"
+  for tree in protocol head; do
+    if [ -d "$scratch/$tree/runs/forgetting" ]; then cp -r "$scratch/$tree/runs/forgetting/." "$dest/"; fi
+  done
   rm -rf "$scratch"
 }
 
