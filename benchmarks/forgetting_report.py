@@ -262,7 +262,8 @@ def plot_tau_and_density(run_dirs: dict[str, str], path: str, title: str) -> str
     for task in range(4):
         axes[0, task].set_title(f"task {task + 1}: {names[task]}")
         axes[1, task].set_xlabel("step within the task")
-    axes[0, 0].set_ylabel("τ")
+    axes[0, 0].set_ylabel("τ (log scale)")
+    axes[0, 0].set_yscale("log")  # sharey: every τ panel
     axes[1, 0].set_ylabel("gate density (%)\n(entries of ΔW_jump ≠ 0)")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(title)
@@ -296,27 +297,30 @@ def publish(runs: dict, root: str, out: str) -> None:
 
 
 def replica_table(test: dict, replica: dict) -> list[str]:
-    """The same run trained on the CPU and again on the GPU: how much the machine alone moves OA and BWT."""
-    keys = sorted(k for k in replica if k in test and test[k]["_machine"] == "CPU")
-    if not keys:
+    """The same run trained on the CPU and again on the GPU (either way round): how much the machine alone moves OA
+    and BWT."""
+    pairs = []
+    for key in sorted(k for k in replica if k in test and replica[k]["_machine"] != test[k]["_machine"]):
+        both = {test[key]["_machine"]: test[key], replica[key]["_machine"]: replica[key]}
+        pairs.append((key, summary(both["CPU"], None), summary(both["GPU"], None)))
+    if not pairs:
         return ["No replicated run has finished.", ""]
     lines = [
-        "| order | method | seed | OA CPU | OA GPU | BWT CPU | BWT GPU | |ΔOA| | |ΔBWT| |",
+        "| order | method | seed | OA CPU | OA GPU | BWT CPU | BWT GPU | GPU − CPU OA | GPU − CPU BWT |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    d_oa, d_bwt = [], []
-    for key in keys:
-        cpu, gpu = summary(test[key], None), summary(replica[key], None)
-        d_oa.append(abs(gpu["OA"] - cpu["OA"]))
-        d_bwt.append(abs(gpu["BWT"] - cpu["BWT"]))
+    for (order, method, seed), cpu, gpu in pairs:
         lines.append(
-            f"| {key[0]} | {name(key[1])} | {key[2]} | {100 * cpu['OA']:.1f} | {100 * gpu['OA']:.1f} | "
-            f"{100 * cpu['BWT']:.1f} | {100 * gpu['BWT']:.1f} | {100 * d_oa[-1]:.1f} | {100 * d_bwt[-1]:.1f} |"
+            f"| {order} | {name(method)} | {seed} | {100 * cpu['OA']:.1f} | {100 * gpu['OA']:.1f} | "
+            f"{100 * cpu['BWT']:.1f} | {100 * gpu['BWT']:.1f} | {100 * (gpu['OA'] - cpu['OA']):+.1f} | "
+            f"{100 * (gpu['BWT'] - cpu['BWT']):+.1f} |"
         )
+    d_oa = [abs(gpu["OA"] - cpu["OA"]) for _, cpu, gpu in pairs]
+    d_bwt = [abs(gpu["BWT"] - cpu["BWT"]) for _, cpu, gpu in pairs]
     lines += [
         "",
         f"Mean |ΔOA| {100 * statistics.fmean(d_oa):.1f}, mean |ΔBWT| {100 * statistics.fmean(d_bwt):.1f} points "
-        f"over {len(keys)} runs (the same code, flags, data and seed; CPU: one thread; GPU: H200, float32).",
+        f"over {len(pairs)} run(s): the same code, flags, data and seed (CPU: one thread; GPU: H200, float32).",
         "",
     ]
     return lines
@@ -370,10 +374,9 @@ def main(argv=None) -> None:
         bases = {k: r for k, r in test.items() if k[1] in needed}
         lines += ["### Variants chosen on dev, test split (labelled; not the protocol's default)", ""]
         lines += tables({**bases, **variants}, "OA, BWT, FWT of the variants and their baselines")
-    gpu_only = {k: r for k, r in test.items() if r["_machine"] == "GPU"} | {
-        k: r for k, r in replica.items() if test.get(k, {}).get("_machine") != "GPU"
-    }
-    lines += ["### The machine's effect: CPU runs trained again on the GPU", ""] + replica_table(test, replica)
+    gpu_only = {k: r for k, r in test.items() if r["_machine"] == "GPU"}
+    gpu_only |= {k: r for k, r in replica.items() if r["_machine"] == "GPU"}
+    lines += ["### The machine's effect: runs trained again on the other machine", ""] + replica_table(test, replica)
     if replica:
         lines += ["### Secondary: the GPU runs alone (the replicas in place of the CPU runs)", ""]
         lines += tables(gpu_only, "OA, BWT, FWT (GPU runs only)")

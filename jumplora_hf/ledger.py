@@ -267,8 +267,9 @@ def _add(weight: torch.Tensor, update: LayerUpdate, sign: float) -> None:
         indices = update.indices.to(weight.device)
         flat[indices] = flat[indices] + (values if sign > 0 else -values).to(weight.dtype)
     else:
-        delta = dense_lora_delta(update.lora_A, update.lora_B) * update.scaling
-        weight.add_((delta if sign > 0 else -delta).to(weight.device, weight.dtype))
+        # B·A on the weight's device: the product training merged, so a rebuild on that device is bit-identical
+        delta = dense_lora_delta(update.lora_A.to(weight.device), update.lora_B.to(weight.device)) * update.scaling
+        weight.add_((delta if sign > 0 else -delta).to(weight.dtype))
 
 
 # ----------------------------------------------------------------------------- CLI

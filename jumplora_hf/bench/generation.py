@@ -21,6 +21,7 @@ def generate_answers(model, tokenizer, task: EncodedTask, batch_size: int = 32) 
     texts = []
     for start in range(0, len(task.prompts), batch_size):
         batch = collate([task.prompts[i] for i in range(start, min(start + batch_size, len(task.prompts)))])
+        batch = {key: value.to(model.device) for key, value in batch.items()}
         out = model.generate(
             **batch,
             max_new_tokens=task.max_new_tokens,
