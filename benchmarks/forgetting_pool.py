@@ -20,11 +20,14 @@ stay on disk, but a run is only used whole). Each run dir gets `run_info.json` w
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the runs inherit it: idle OpenMP threads sleep, not spin
+
 import argparse
 import dataclasses
 import importlib.util
 import json
-import os
 import shlex
 import signal
 import statistics
@@ -148,7 +151,6 @@ class Pool:
             **os.environ,
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
-            "OMP_WAIT_POLICY": "PASSIVE",
             "TOKENIZERS_PARALLELISM": "false",
             "HF_HUB_OFFLINE": "1",
             "PYTHONPATH": job.root + (os.pathsep + path if path else ""),

@@ -171,7 +171,7 @@ def test_the_pool_respects_waits_goes_on_after_a_failure_replicates_and_stops_at
         "--machine",
         "test GPU",
         "--deadline",
-        "20",
+        "8",
         "--extra",
         "--seed 7",
     ]
