@@ -374,12 +374,14 @@ def main(argv=None) -> None:
         bases = {k: r for k, r in test.items() if k[1] in needed}
         lines += ["### Variants chosen on dev, test split (labelled; not the protocol's default)", ""]
         lines += tables({**bases, **variants}, "OA, BWT, FWT of the variants and their baselines")
-    gpu_only = {k: r for k, r in test.items() if r["_machine"] == "GPU"}
-    gpu_only |= {k: r for k, r in replica.items() if r["_machine"] == "GPU"}
     lines += ["### The machine's effect: runs trained again on the other machine", ""] + replica_table(test, replica)
-    if replica:
-        lines += ["### Secondary: the GPU runs alone (the replicas in place of the CPU runs)", ""]
-        lines += tables(gpu_only, "OA, BWT, FWT (GPU runs only)")
+    for machine in ("CPU", "GPU"):
+        if not any(r["_machine"] == machine for r in replica.values()):
+            continue
+        alone = {k: r for k, r in test.items() if r["_machine"] == machine}
+        alone |= {k: r for k, r in replica.items() if r["_machine"] == machine}
+        lines += [f"### Secondary: the {machine} runs alone (a replica in place of a run of the other machine)", ""]
+        lines += tables(alone, f"OA, BWT, FWT ({machine} runs only)")
     text = "\n".join(lines)
     print(text)
     if args.out:

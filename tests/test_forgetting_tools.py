@@ -210,3 +210,66 @@ def test_the_pool_refuses_a_missing_tree(tmp_path):
 @pytest.mark.parametrize("script", ["gpu_forgetting.sh"])
 def test_the_device_script_parses(script):
     subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", script)], check=True)
+
+
+report_tool = _load("forgetting_report")
+
+
+def _full_report(runs_dir, name, diagonal, last_row, machine=None, sparsity=0.0):
+    """A finished 4-task run: accuracy a[i][i] = diagonal[i], the last row given, earlier rows copy the diagonal."""
+    matrix = [[diagonal[j] if j <= i else None for j in range(4)] for i in range(3)] + [list(last_row)]
+    per_task = [
+        {"sparsity": {"mean": sparsity}, "jaccard_with_previous": {"mean": 0.1 if i else None}, "ella_lambda": None}
+        for i in range(4)
+    ]
+    folder = os.path.join(runs_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    report = {"method": name.split("/")[-2], "tasks": ["a", "b", "c", "d"], "accuracy_matrix": matrix}
+    report.update(per_task=per_task, single_task_baselines=False)
+    with open(os.path.join(folder, "continual_metrics.json"), "w") as f:
+        json.dump(report, f)
+    if machine:
+        with open(os.path.join(folder, "run_info.json"), "w") as f:
+            json.dump({"starts": [{"commit": "x", "machine": machine}]}, f)
+    with open(os.path.join(folder, "log_history.jsonl"), "w") as f:
+        for task in range(4):
+            for step in (2, 4):
+                f.write(
+                    json.dumps(
+                        {
+                            "loss": 1,
+                            "step": 4 * task + step,
+                            "task": task,
+                            "task_step": step,
+                            "jump/tau_mean": 1e-3,
+                            "jump/sparsity": 0.9,
+                        }
+                    )
+                    + "\n"
+                )
+
+
+def test_the_report_pairs_by_seed_gives_the_t_interval_and_compares_machines(tmp_path):
+    runs, out = str(tmp_path / "runs"), str(tmp_path / "out")
+    diag = [0.9, 0.5, 0.6, 0.8]
+    forgetting_per_seed = {42: (0.2, 0.3), 43: (0.4, 0.45), 44: (0.3, 0.4)}  # task a after all: IncLoRA, JumpLoRA
+    for seed, (plain, jump) in forgetting_per_seed.items():
+        _full_report(runs, f"test/order1/inclora/seed{seed}", diag, [plain, 0.5, 0.6, 0.8])
+        _full_report(runs, f"test/order1/jumplora_inclora/seed{seed}", diag, [jump, 0.5, 0.6, 0.8], sparsity=0.75)
+    # seed 42 of IncLoRA again on the other machine: task a after all 0.2 → 0.5 moves OA by 0.3/4, BWT by 0.3/3
+    _full_report(runs, "replica/test/order1/inclora/seed42", diag, [0.5, 0.5, 0.6, 0.8], machine="one NVIDIA H200")
+    for seed in forgetting_per_seed:  # a variant chosen on dev, on test: compared with its default and its base
+        _full_report(runs, f"variant_taulr10/order1/jumplora_inclora/seed{seed}", diag, [0.9, 0.5, 0.6, 0.8])
+    report_tool.main(["--root", runs, "--out", out])
+    text = open(os.path.join(out, "report.md")).read()
+    variants = text[text.index("### Variants chosen on dev") :]
+    assert "| order1 | JumpLoRA + IncLoRA (τ lr ×10) − JumpLoRA + IncLoRA | 42, 43, 44 |" in variants
+    assert "| order1 | JumpLoRA + IncLoRA (τ lr ×10) − IncLoRA | 42, 43, 44 |" in variants
+    # ΔBWT per seed = (jump - plain) / 3 on task a: +3.3, +1.7, +3.3 points; mean 2.78, sd 0.96, t(2) = 4.303
+    row = next(line for line in text.splitlines() if "JumpLoRA + IncLoRA − IncLoRA" in line)
+    assert "+2.8 [+0.4, +5.2]" in row and "42:+ 43:+ 44:+" in row
+    assert "| order1 | IncLoRA | 42 | 52.5 | 60.0 | -23.3 | -13.3 | +7.5 | +10.0 |" in text  # CPU vs GPU
+    assert "the GPU runs alone" in text and "the CPU runs alone" not in text
+    # published: every run's reports under out/runs, the replica in its own folder
+    assert os.path.exists(os.path.join(out, "runs", "replica", "test", "order1", "inclora", "seed42", "run_info.json"))
+    assert os.path.exists(os.path.join(out, "tau_and_density_order1.png"))
