@@ -29,11 +29,12 @@ pack() {
   local gguf
   gguf=$(python3 -c "from jumplora_hf.bench.gguf import *; print(packaged_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF))")
   rm -rf .gpu/stage1 .gpu/stage2 && mkdir -p .gpu/stage1/whl .gpu/stage2
-  # the versions pyproject.toml pins, for the machine's Python 3.12 (it has torch 2.11, numpy, pyarrow, pandas...)
+  # the versions pyproject.toml pins, for the machine's Python 3.12 (it has torch 2.11, numpy, pyarrow, pandas...);
+  # not huggingface_hub: 2.x imports httpx2, which the machine lacks, and its own 1.33 serves transformers 5.23
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .gpu/stage1/whl transformers==5.23.0 peft==0.21.2 accelerate==1.15.0 datasets==5.2.0 evaluate==0.4.6 \
-    huggingface_hub==2.4.0 tokenizers==0.23.3 gguf==0.19.0 dill==0.4.1 multiprocess==0.70.19
+    tokenizers==0.23.3 gguf==0.19.0 dill==0.4.1 multiprocess==0.70.19
   git rev-parse HEAD > .gpu/stage1/HEAD_COMMIT
   rm -rf .gpu/protocol_tree && mkdir -p .gpu/protocol_tree
   git archive "$PROTOCOL_COMMIT" jumplora_hf recipes benchmarks | tar -x -C .gpu/protocol_tree
