@@ -46,6 +46,7 @@ def load_runs(root: str, prefix: str) -> dict[tuple[str, str, int], dict]:
             )
         if done:
             report["_dir"] = seed_dir
+            report["_root"] = root  # the run's path under it is kept when it is published
             report["_machine"] = machine(seed_dir)
             runs[os.path.basename(order_dir), method, int(seed.removeprefix("seed"))] = report
     return runs
@@ -271,15 +272,15 @@ def plot_tau_and_density(run_dirs: dict[str, str], path: str, title: str) -> str
     return path
 
 
-def publish(runs: dict, root: str, out: str) -> None:
+def publish(reports: list[dict], out: str) -> None:
     """Copy each run's reports (not its state or ledger) into out/<its path under root>.
 
     Copied back into a worker's runs/forgetting, a finished run counts as finished there: that is how the experiment
     goes on in a later session on a machine that kept only the repository.
     """
-    for report in runs.values():
+    for report in reports:
         source = report["_dir"]
-        dest = os.path.join(out, os.path.relpath(source, report.get("_root", root)))
+        dest = os.path.join(out, os.path.relpath(source, report["_root"]))
         if os.path.realpath(dest) == os.path.realpath(source):
             continue
         os.makedirs(dest, exist_ok=True)
@@ -354,10 +355,7 @@ def main(argv=None) -> None:
     dev = {}
     for prefix in ("dev_taulr1", "dev_taulr10", "dev_taulr100", "dev_auto", "dev_gridlambda"):
         for (o, m, s), r in load_runs(dev_root, prefix).items():
-            r["_root"] = dev_root
             dev[prefix.removeprefix("dev_"), m, s] = r
-    for r in variants.values():
-        r["_root"] = dev_root
     lines = (
         ["### Test split", ""]
         + tables(test, "OA, BWT, FWT")
@@ -388,13 +386,8 @@ def main(argv=None) -> None:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "report.md"), "w") as f:
             f.write(text + "\n")
-        for r in replica.values():
-            r["_root"] = args.root
-        publish(
-            {**test, **grid, **dev, **variants, **{("replica",) + k: r for k, r in replica.items()}},
-            args.root,
-            os.path.join(args.out, "runs"),
-        )
+        reports = [*test.values(), *grid.values(), *dev.values(), *variants.values(), *replica.values()]
+        publish(reports, os.path.join(args.out, "runs"))
         jump = {
             f"seed {s} ({r['_machine']})": r["_dir"]
             for (o, m, s), r in sorted(test.items())
