@@ -42,7 +42,11 @@ __all__ = [
     "loss_is_scaled_for_ga",
     "prepare_inputs",
     "register_custom_lora_layer",
+    "zero3_clear_secondary_partition",
+    "zero3_data_is_resident",
+    "zero3_is_quantized",
     "zero3_local_shard",
+    "zero3_partition_group",
 ]
 
 
@@ -122,6 +126,28 @@ def is_zero3_param(param: torch.Tensor) -> bool:
 def zero3_local_shard(param: torch.Tensor) -> torch.Tensor:
     """This rank's partition of a ZeRO-3 parameter."""
     return param.ds_tensor
+
+
+def zero3_partition_group(param: torch.Tensor):
+    """The process group a ZeRO-3 parameter is partitioned over (the data-parallel group, unless MiCS / hpZ)."""
+    return param.ds_process_group
+
+
+def zero3_data_is_resident(param: torch.Tensor) -> bool:
+    """Whether the whole ZeRO-3 parameter is in `param.data` now (persistent small parameters, or gathered)."""
+    return param.ds_status.name == "AVAILABLE"
+
+
+def zero3_clear_secondary_partition(param: torch.Tensor) -> None:
+    """Drop the ZeRO++ hpZ secondary copy of a shard written in place; DeepSpeed rebuilds it from the primary
+    shards at the next gather (it gathers from the primary partition while the secondary one is None)."""
+    if getattr(param, "ds_secondary_tensor", None) is not None:
+        param.ds_secondary_tensor = None
+
+
+def zero3_is_quantized(param: torch.Tensor) -> bool:
+    """A shard DeepSpeed stores quantised (`zero_quantized_nontrainable_weights`)."""
+    return hasattr(param.ds_tensor, "ds_quant_scale")
 
 
 def has_zero_fp32_fragment(param: torch.Tensor) -> bool:

@@ -184,7 +184,7 @@ def finish_task(
 
     if adapter_dir is not None:
         trainer.save_model(adapter_dir)
-    with writing_adapters(trainer.model, include_base=True):
+    with writing_adapters(trainer.model):
         update = end_task(trainer.model, accumulate_w_past)
     if merged_dir is not None:
         save_merged_model(trainer, merged_dir)

@@ -28,13 +28,14 @@ from .config import JumpLoraConfig
 from .continual_config import ContinualSeq2SeqConfig
 from .data import ContinualDataCollator, ContinualTask, EncodedTask, encode_task
 from .ella import EllaRegularizer
+from .layer import iter_jumplora_layers
 from .lifecycle import JumpLoRASchedule, TaskSequence, dispatch
 from .methods import get_method
 from .model import get_jumplora_model, save_merged_model
 from .sequence import TaskBatchSampler, TaskSpan, plan_task_spans, task_restarting_schedule
-from .state import ContinualRecord, RunDirectory, load_run_state, merged_state, restore_merged_state
+from .state import ContinualRecord, RunDirectory, load_run_state, restore_run_tensors
 from .thresholds import tie_thresholds
-from .zero import gathered_adapters, register_adapted_weights_as_external
+from .zero import register_adapted_weights_as_external
 
 logger = logging.getLogger(__name__)
 
@@ -132,25 +133,41 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         """
         encoded = self._validate_and_encode(tasks, single_task_accuracies)
         names = [t.name for t in encoded]
-        saved = load_run_state(self.args.output_dir, self.args.method, names)
+        saved = load_run_state(self.args.output_dir, self.args.method, names)  # every process; the main one reads
         record = saved.record if saved else ContinualRecord(self.args.method, names, self.args.single_task_baselines)
         record.single_task_accuracies = list(single_task_accuracies) if single_task_accuracies is not None else None
         record.metric_names = [t.metric_name for t in encoded]
         if saved:
-            with gathered_adapters(self.model, include_base=True, modifier_rank=0):
-                restore_merged_state(self.model, saved.tensors)
             logger.info(
                 "resuming %s after %d finished task(s): %s", self.args.output_dir, len(record.tasks), record.tasks
             )
         self.record = record
         finished = len(record.tasks)
         remaining = encoded[finished:]
+        # single-task baselines train every task from the base model: a resumed one restores no merged weights
+        restore_weights = not self.args.single_task_baselines
+        publisher = self._hub_publisher()
+        if publisher is not None:
+            publisher.retry_pending(finished)  # pushes a stopped run staged but did not upload, in task order
         if not remaining:
+            if saved:
+                restore_run_tensors(self.model, saved, weights=restore_weights)
+            if publisher is not None:
+                publisher.wait()
             return record.report()
-        base_state = None
-        if self.args.single_task_baselines:
-            with gathered_adapters(self.model, include_base=True):
-                base_state = merged_state(self.model)
+        base_weights: dict[str, torch.Tensor] = {}
+
+        def start(model) -> None:
+            if saved:
+                restore_run_tensors(model, saved, weights=restore_weights)
+            if self.args.single_task_baselines:  # this process's entries of the base weights
+                base_weights.update({n: layer.merged_weight().clone() for n, layer in iter_jumplora_layers(model)})
+
+        def back_to_base(model) -> None:
+            for name, layer in iter_jumplora_layers(model):
+                layer.restore_merged_weight(base_weights[name])
+                layer.restore_w_past(None)
+
         self.task_spans = plan_task_spans(
             [len(t.train) for t in remaining],
             finished,
@@ -175,7 +192,8 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
             evaluate_row,
             lambda: self.callback_handler.callbacks,
             accumulate_w_past=self.args.uses_ella,
-            prepare=(lambda model: restore_merged_state(model, base_state)) if base_state is not None else None,
+            prepare=back_to_base if self.args.single_task_baselines else None,
+            start=start,
         )
         fingerprints = {t.name: {"data_fingerprint": _fingerprint(t)} for t in encoded}
         run_dir = RunDirectory(
@@ -184,7 +202,7 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
             write_ledger=self.args.ledger and not self.args.single_task_baselines,
             ledger=saved.ledger if saved else (),
             run_config=self.run_config(),
-            publisher=self._hub_publisher(),
+            publisher=publisher,
         )
         for callback in list(self.callback_handler.callbacks):
             if isinstance(callback, (TaskSequence, RunDirectory)):
@@ -193,6 +211,8 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         self.callback_handler.callbacks.insert(0, self.task_sequence)
         self.add_callback(run_dir)
         self.train()
+        if publisher is not None:
+            publisher.wait()  # the uploads ran beside the training; failures are logged and stay staged
         return record.report()
 
     def _validate_and_encode(self, tasks, single_task_accuracies) -> list[EncodedTask]:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from .entries import all_reduce_sum
 from .layer import iter_jumplora_layers
 from .lifecycle import ContinualCallback
 
@@ -26,6 +27,8 @@ def ella_penalty(model: torch.nn.Module, mode: str = "sparse", adapter: str = "d
 
     It reads A and B outside the model's forward: fine for inspection and tests, but a training loss
     under DDP or ZeRO-3 must use the terms recorded in the forward (`record_ella_terms` + `pop_ella_penalty`).
+    Under ZeRO-3, where each process holds a part of W_past, the parts are summed over the processes (every process
+    must call it then, and the result carries no gradient).
     """
     _check_mode(mode)
     layers = [layer for _, layer in iter_jumplora_layers(model)]
@@ -36,7 +39,13 @@ def ella_penalty(model: torch.nn.Module, mode: str = "sparse", adapter: str = "d
     ]
     if not terms:
         return None
-    return torch.stack(terms).sum() / len(layers)
+    total = torch.stack(terms).sum()
+    sharded = [
+        layer.jump_partition for layer in layers if layer.jump_partition is not None and layer.jump_partition.sharded
+    ]
+    if sharded:
+        total = all_reduce_sum(total.detach(), sharded[0].group)
+    return total / len(layers)
 
 
 def record_ella_terms(model: torch.nn.Module, mode: str | None) -> None:
@@ -146,7 +155,8 @@ class EllaRegularizer(ContinualCallback):
             return
         steps = state.global_step - self._logged_steps
         if steps > 0:
-            ella = float(self._logged_sum) / steps
+            # the mean over the processes: each one's term is its estimate (under ZeRO-3 its part, times the parts)
+            ella = float(self.reduce_mean(self._logged_sum.reshape(1))) / steps
             logs["loss_ella"], logs["loss_ce"] = ella, logs["loss"] - ella
         logs["ella/lambda"] = self.lam
         self._logged_sum, self._logged_steps = torch.zeros(()), state.global_step

@@ -214,6 +214,16 @@ def hard_threshold(delta: torch.Tensor, log_tau: torch.Tensor) -> torch.Tensor:
         return delta * gate_mask(delta, log_tau.exp().to(delta.dtype))
 
 
+def hard_threshold_(delta: torch.Tensor, log_tau: torch.Tensor) -> torch.Tensor:
+    """`hard_threshold` in place: `delta` becomes ΔW ⊙ H(|ΔW| − τ). |ΔW| > τ is tested as ΔW > τ or ΔW < −τ, so the
+    only extra memory is two boolean masks the size of ΔW (the task-end merge of a large layer runs this)."""
+    with torch.no_grad():
+        tau = log_tau.exp().to(delta.dtype)
+        keep = torch.gt(delta, tau)
+        keep.logical_or_(torch.lt(delta, -tau))
+        return delta.mul_(keep)
+
+
 def interpolation_gamma(step: int, start_step: int, final_step: int) -> float:
     """γ = clip((s − S_start)/(S_final − S_start), 0, 1) (paper eq. 4); a step function if S_final ≤ S_start."""
     if final_step <= start_step:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from ._compat import BufferDict, LoraLinear, LoraVariant, called_from_add_weighted_adapter
 from .config import register_jumplora_layer
-from .gate import fused_jump_linear, hard_threshold, jump_interpolated_delta, symmetric_jump_relu
+from .entries import EntryPartition, read_weight_entries, weight_partition, write_weight_entries
+from .gate import fused_jump_linear, hard_threshold_, jump_interpolated_delta, symmetric_jump_relu
 from .groups import threshold_group
 
 # log τ of a fresh adapter: τ = the smallest normal float32, so the gate is open (ΔW_jump = ΔW) until the
@@ -63,7 +64,7 @@ class JumpLoraLinearVariant(LoraVariant):
         module.jump_bandwidth[adapter_name] = config.jump_bandwidth
         module.jump_threshold_group[adapter_name] = threshold_group(config.threshold_mode, target_name)
         module.jump_fused[adapter_name] = bool(config.jump_fused)
-        module.sync_gate_mirrors(adapter_name)
+        module.jump_tau_ready[adapter_name], module.jump_gamma[adapter_name] = False, 0.0  # the state just written
 
     @staticmethod
     def merge_safe(module: JumpLoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
@@ -84,7 +85,14 @@ class JumpLoraLinearVariant(LoraVariant):
         scaling = module.scaling[active_adapter]
         gamma = module.jump_gamma[active_adapter]
         if gamma <= 0.0:  # before S_start: exactly plain LoRA, and no d_out×d_in product
-            return result + lora_B(lora_A(x)) * scaling
+            out = result + lora_B(lora_A(x)) * scaling
+            log_tau = module.lora_log_tau[active_adapter]
+            if module.training and log_tau.requires_grad and torch.is_grad_enabled():
+                # τ takes no part yet, but gets an explicit zero gradient: DeepSpeed ZeRO-3 would otherwise step τ
+                # with the stale gradient of the last step that had one (the previous task's), every step until
+                # S_start, so an uninterrupted run drifted from a resumed one (whose engine starts with zeros)
+                out = _TieToOutput.apply(out, log_tau)
+            return out
         log_tau, eps = module.log_tau(active_adapter), module.jump_bandwidth[active_adapter]
         if module.jump_fused[active_adapter]:
             # `result` (the base output) is already computed here, so only the update goes through the fused
@@ -102,7 +110,8 @@ class JumpLoraLinear(LoraLinear):
     With `use_jumprelu=False` it is PEFT's plain LoRA layer (the IncLoRA / ELLA baselines). With it, the forward
     adds β·((1−γ)ΔW + γ·ΔW_jump)·x, with γ set by the task's schedule and τ = exp(log τ) shared by the layers of
     a threshold group. The layer also keeps ELLA's W_past (sum of past tasks' ΔW_final) as a non-persistent buffer,
-    and, for bf16/fp16 base weights, a float32 copy of the merged weight (see `fold_final_delta`).
+    and, for bf16/fp16 base weights, a float32 copy of the merged weight (see `fold_final_delta`). Both hold this
+    process's entries only (`entry_partition`: under ZeRO-3 its shard of the weight, flat; elsewhere the whole weight).
     """
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
@@ -117,6 +126,7 @@ class JumpLoraLinear(LoraLinear):
             self.jump_tau_ready: dict[str, bool] = {}
             self.jump_fused: dict[str, bool] = {}
             self.merged_weight_fp32: torch.Tensor | None = None  # a plain attribute: no dtype cast reaches it
+            self.jump_partition: EntryPartition | None = None  # the layout of the two above (entries.py)
             self.register_buffer("ella_w_past", None, persistent=False)
             # ELLA: while training with ella_delta_mode set, each forward records this layer's
             # ‖ΔW_x ⊙ W_past‖²_F. Inside the forward, DDP sees the use of A and B and ZeRO-3 has them
@@ -225,10 +235,11 @@ class JumpLoraLinear(LoraLinear):
         return b @ a
 
     def final_delta(self, adapter: str) -> torch.Tensor:
-        """ΔW_final in float32: ΔW ⊙ H(|ΔW| − τ) for JumpLoRA, ΔW for plain LoRA (no gradient)."""
+        """ΔW_final in float32: ΔW ⊙ H(|ΔW| − τ) for JumpLoRA, ΔW for plain LoRA (no gradient). Besides the result,
+        it allocates two boolean masks of its size (the peak of a layer's merge)."""
         with torch.no_grad():
             delta = self.delta_weight(adapter).float()
-            return hard_threshold(delta, self.log_tau(adapter)) if self.is_jump(adapter) else delta
+            return hard_threshold_(delta, self.log_tau(adapter)) if self.is_jump(adapter) else delta
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """β·ΔW_final (float32), what PEFT's `merge()` / `merge_and_unload()` add to the base weight."""
@@ -247,8 +258,10 @@ class JumpLoraLinear(LoraLinear):
         return symmetric_jump_relu(delta, log_tau.exp(), eps)
 
     def ella_squared_norm(self, adapter: str, mode: str) -> torch.Tensor:
-        """‖ΔW_x ⊙ W_past‖²_F of this layer (float32, differentiable in A, B and τ)."""
-        return (self.penalty_delta(adapter, mode).float() * self.ella_w_past).pow(2).sum()
+        """‖ΔW_x ⊙ W_past‖²_F over this process's entries (float32, differentiable in A, B and τ): the whole layer's
+        unless ZeRO-3 partitions W_past, then the processes' values sum to it."""
+        delta = self.jump_partition.local(self.penalty_delta(adapter, mode).float())
+        return (delta * self.ella_w_past).pow(2).sum()
 
     # ----------------------------------------------------------------- the task lifecycle's layer operations
     @torch.no_grad()
@@ -266,46 +279,103 @@ class JumpLoraLinear(LoraLinear):
         if self.is_jump(adapter):
             self.open_gate(adapter)
 
+    def entry_partition(self) -> EntryPartition:
+        """The entries of the weight whose state this process keeps (entries.py); fixed once the state exists."""
+        partition = weight_partition(self.get_base_layer().weight, (self.out_features, self.in_features))
+        held = self.jump_partition
+        if held is not None and (held.start, held.end, held.world) != (
+            partition.start,
+            partition.end,
+            partition.world,
+        ):
+            raise RuntimeError(
+                f"the weight's partition changed from entries {held.start}..{held.end} of {held.world} processes to "
+                f"{partition.start}..{partition.end} of {partition.world} while JumpLoRA holds state for it"
+            )
+        self.jump_partition = partition
+        return partition
+
+    def entry_state_nbytes(self) -> int:
+        """Bytes of the per-entry state this layer holds (the float32 merged copy and W_past, this process's part)."""
+        return sum(t.numel() * t.element_size() for t in (self.merged_weight_fp32, self.ella_w_past) if t is not None)
+
+    @torch.no_grad()
+    def merge_workspace_nbytes(self, adapter: str) -> int:
+        """Bytes the merge of this layer allocates on its device besides the state: ΔW_final (float32, the whole layer,
+        computed with `final_delta`) and, for JumpLoRA, the two boolean masks of `gate.hard_threshold_`; plus the
+        boolean support of this process's entries. Runs on the meta device too (memory benchmarks)."""
+        final = self.final_delta(adapter)
+        masks = 2 * final.numel() if self.is_jump(adapter) else 0
+        local = self.jump_partition.local(final) if self.jump_partition is not None else final
+        return final.numel() * final.element_size() + masks + local.numel()
+
+    @torch.no_grad()
+    def allocate_entry_state(self, partition: EntryPartition, w_past: bool) -> None:
+        """Create the per-entry state for `partition`: the float32 merged copy (bf16/fp16 weights, from the weight's
+        current entries) and, with `w_past`, a zero W_past. The state's only allocation (memory benchmarks use it)."""
+        weight = self.get_base_layer().weight
+        self.jump_partition = partition
+        if weight.dtype in LOW_PRECISION and self.merged_weight_fp32 is None:
+            self.merged_weight_fp32 = read_weight_entries(weight, partition).float().clone()
+        if w_past and self.ella_w_past is None:
+            device = self.merged_weight_fp32.device if self.merged_weight_fp32 is not None else weight.device
+            self.ella_w_past = torch.zeros(partition.local_shape, dtype=torch.float32, device=device)
+
     @torch.no_grad()
     def fold_final_delta(self, adapter: str, accumulate_w_past: bool) -> torch.Tensor:
         """W ← W + β·ΔW_final (and W_past ← W_past + ΔW_final), then remove the update: B = 0, γ = 0.
 
-        Returns ΔW_final (float32). Afterwards the layer computes exactly the merged base layer. A bf16/fp16 base
-        weight is re-cast after every merge from a float32 copy that accumulates the merges, so that after any
-        number of tasks it equals the float32 merge rounded once (adding each update to the bf16 weight would round
-        once per task, and lose the entries smaller than half the weight's spacing).
+        Returns ΔW_final (float32, the whole layer: every process computes it from the gathered A and B). Afterwards the
+        layer computes exactly the merged base layer. A bf16/fp16 base weight is re-cast after every merge from a
+        float32 copy that accumulates the merges, so that after any number of tasks it equals the float32 merge rounded
+        once (adding each update to the bf16 weight would round once per task, and lose the entries smaller than half
+        the weight's spacing). Only this process's entries are written (under ZeRO-3: its shard, in place).
         """
         final = self.final_delta(adapter)
-        update = final * self.scaling[adapter]
+        partition = self.entry_partition()
+        self.allocate_entry_state(partition, accumulate_w_past)
+        update = partition.local(final) * self.scaling[adapter]
         weight = self.get_base_layer().weight
-        if weight.dtype in LOW_PRECISION:
-            if self.merged_weight_fp32 is None or self.merged_weight_fp32.shape != weight.shape:
-                self.merged_weight_fp32 = weight.detach().float().clone()
+        if self.merged_weight_fp32 is not None:
             self.merged_weight_fp32.add_(update)
-            weight.copy_(self.merged_weight_fp32)
+            write_weight_entries(weight, partition, self.merged_weight_fp32)
         else:
-            weight.add_(update.to(weight.dtype))
+            write_weight_entries(weight, partition, update, add=True)
+        del update
         if accumulate_w_past:
-            if self.ella_w_past is None:
-                self.ella_w_past = torch.zeros_like(final)
-            self.ella_w_past.add_(final)
+            self.ella_w_past.add_(partition.local(final))
         torch.nn.init.zeros_(self.lora_B[adapter].weight)
         if self.is_jump(adapter):
             self.set_gamma(adapter, 0.0)
         return final
 
     def merged_weight(self) -> torch.Tensor:
-        """The merged base weight at full precision: the float32 copy for bf16/fp16 weights, else the weight."""
-        return self.merged_weight_fp32 if self.merged_weight_fp32 is not None else self.get_base_layer().weight
+        """This process's entries of the merged base weight at full precision (the float32 copy for bf16/fp16
+        weights): the whole (d_out, d_in) weight, or under ZeRO-3 the flat entries of its partition."""
+        if self.merged_weight_fp32 is not None:
+            return self.merged_weight_fp32
+        return read_weight_entries(self.get_base_layer().weight, self.entry_partition())
 
     @torch.no_grad()
     def restore_merged_weight(self, value: torch.Tensor) -> None:
+        """Set this process's entries of the merged weight (`value` in the layout of `merged_weight()`)."""
         weight = self.get_base_layer().weight
+        partition = self.entry_partition()
         if weight.dtype in LOW_PRECISION and value.dtype == torch.float32:
-            self.merged_weight_fp32 = value.to(weight.device).clone()
+            self.merged_weight_fp32 = value.to(read_weight_entries(weight, partition).device).clone()
         else:
             self.merged_weight_fp32 = None
-        weight.copy_(value.to(weight.device, weight.dtype))
+        write_weight_entries(weight, partition, value)
+
+    @torch.no_grad()
+    def restore_w_past(self, value: torch.Tensor | None) -> None:
+        """Set (or, with None, drop) this process's entries of W_past."""
+        if value is None:
+            self.ella_w_past = None
+            return
+        partition = self.entry_partition()
+        device = read_weight_entries(self.get_base_layer().weight, partition).device
+        self.ella_w_past = value.reshape(partition.local_shape).to(device, torch.float32).clone()
 
 
 class _TieToOutput(torch.autograd.Function):
@@ -329,7 +399,9 @@ def _record_ella_term(layer: JumpLoraLinear, args, output):
     if layer.training and layer.ella_delta_mode is not None and layer.ella_w_past is not None:
         adapter = layer.active_adapters[0]
         if adapter in layer.lora_A:
-            layer.ella_term = layer.ella_squared_norm(adapter, layer.ella_delta_mode)
+            # Under ZeRO-3 each process holds a part of W_past and records its part of the term, scaled by the
+            # number of parts: the engine averages the gradients over the processes, which then sum the parts.
+            layer.ella_term = layer.ella_squared_norm(adapter, layer.ella_delta_mode) * layer.jump_partition.world
             return _TieToOutput.apply(output, layer.ella_term)
     return None
 

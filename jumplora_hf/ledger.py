@@ -24,18 +24,20 @@ import json
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .files import SafetensorsWriter
 from .lifecycle import LayerUpdate, MergedTaskUpdate, dense_lora_delta
 from .metrics import pack_support, support_jaccard
 
 LEDGER_DIR = "ledger"
+STATE_FILE = "continual_state.json"  # the run's commit point (state.py), which lists the committed ledger files
 FORMAT = "jumplora-ledger/1"
 PEFT_PREFIX = "base_model.model."
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -106,68 +108,62 @@ class TaskLedger:
         self.folder = os.path.join(run_dir, LEDGER_DIR)
 
     # ----------------------------------------------------------------- writing
+    def writer(self, index: int, name: str, method: str) -> LedgerWriter:
+        """A writer of task `index`'s file that takes the layers one at a time (`add`), then `close(update, meta)`."""
+        return LedgerWriter(os.path.join(self.folder, ledger_filename(index, name)), index, name, method)
+
     def write_task(
-        self, index: int, name: str, method: str, update: MergedTaskUpdate, metadata: dict | None = None
+        self,
+        index: int,
+        name: str,
+        method: str,
+        update: MergedTaskUpdate,
+        layers: dict[str, LayerUpdate],
+        metadata: dict | None = None,
     ) -> str:
         """Write one task's updates (atomically); returns the file's path."""
-        from . import __version__
-
-        tensors, layers = {}, {}
-        sparsity = update.sparsity()
-        for layer_name, layer in update.layers.items():
-            module = module_name(layer_name)
-            layers[module] = {
-                "shape": list(layer.shape),
-                "scaling": layer.scaling,
-                "sparsity": sparsity.get(layer_name),
-            }
-            if layer.is_sparse:
-                numel = layer.shape[0] * layer.shape[1]
-                if 4 * len(layer.indices) > numel / 8:  # denser than 1/32: a bit per entry beats an int32 per nonzero
-                    mask = np.zeros(numel, dtype=bool)
-                    mask[layer.indices.numpy()] = True
-                    tensors[f"{module}.mask"] = torch.from_numpy(np.packbits(mask))
-                else:
-                    tensors[f"{module}.indices"] = layer.indices.to(
-                        torch.int32 if numel < 2**31 else torch.int64
-                    ).contiguous()
-                tensors[f"{module}.values"] = layer.values.float().contiguous()  # in flat order, as the indices
-            else:
-                tensors[f"{module}.lora_A"] = layer.lora_A.contiguous()
-                tensors[f"{module}.lora_B"] = layer.lora_B.contiguous()
-        meta = {
-            "format": FORMAT,
-            "task": name,
-            "index": index,
-            "method": method,
-            "package_version": __version__,
-            "tau": update.taus,
-            "sparsity_mean": float(np.mean(list(sparsity.values()))) if sparsity else None,
-            "layers": layers,
-            **(metadata or {}),
-        }
-        os.makedirs(self.folder, exist_ok=True)
-        path = os.path.join(self.folder, ledger_filename(index, name))
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_file(tensors, tmp, metadata={"jumplora": json.dumps(meta)})
-        os.replace(tmp, path)
-        return path
+        with self.writer(index, name, method) as writer:
+            for layer_name, layer in layers.items():
+                writer.add(layer_name, layer)
+            return writer.close(update, metadata)
 
     # ----------------------------------------------------------------- reading
+    def committed_files(self) -> set[str] | None:
+        """The ledger files the run's resume state lists (the commit point), or None for a folder without one."""
+        path = os.path.join(self.run_dir, STATE_FILE)
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            listed = json.load(f).get("ledger", [])
+        return {os.path.basename(e["file"]) for e in listed}
+
     def entries(self) -> list[LedgerEntry]:
+        """The tasks of the ledger. A file the run state does not list (a task whose run died before committing it)
+        is left out, with a warning."""
         if not os.path.isdir(self.folder):
             raise FileNotFoundError(
                 f"{self.run_dir} has no {LEDGER_DIR}/ folder: it was trained without a ledger, or is not a run dir"
             )
-        entries = []
+        committed = self.committed_files()
+        entries, ignored = [], []
         for filename in sorted(os.listdir(self.folder)):
-            if filename.endswith(".safetensors"):
-                path = os.path.join(self.folder, filename)
-                with safe_open(path, framework="pt") as f:
-                    meta = json.loads((f.metadata() or {}).get("jumplora", "{}"))
-                if meta.get("format") != FORMAT:
-                    raise ValueError(f"{path} is not a {FORMAT} file")
-                entries.append(LedgerEntry(path, meta))
+            if not filename.endswith(".safetensors"):
+                continue
+            if committed is not None and filename not in committed:
+                ignored.append(filename)
+                continue
+            path = os.path.join(self.folder, filename)
+            with safe_open(path, framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("jumplora", "{}"))
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a {FORMAT} file")
+            entries.append(LedgerEntry(path, meta))
+        if ignored:
+            warnings.warn(
+                f"{self.folder}: {ignored} ignored: {STATE_FILE} does not list them (the run stopped before it "
+                "committed those tasks; a restart of the run writes them again)",
+                stacklevel=2,
+            )
         return sorted(entries, key=lambda e: e.index)
 
     def select(self, tasks: Iterable[str | int] | None) -> list[LedgerEntry]:
@@ -229,13 +225,72 @@ class TaskLedger:
     def verify(self, model: torch.nn.Module, base: torch.nn.Module, tasks: Iterable[str | int] | None = None) -> float:
         """Max |W_model − W_(base + ledger)| over the adapted weights (0.0: bit-identical)."""
         rebuilt = self.compose(base, tasks)
-        params = dict(model.named_parameters())
+        params = {name: param.detach() for name, param in model.named_parameters()}
         worst = 0.0
         for entry in self.select(tasks)[:1]:
             for module in entry.metadata["layers"]:
-                reference = dict(rebuilt.named_parameters())[f"{module}.weight"]
+                reference = dict(rebuilt.named_parameters())[f"{module}.weight"].detach()
                 worst = max(worst, float((params[f"{module}.weight"].float() - reference.float()).abs().max()))
         return worst
+
+
+class LedgerWriter:
+    """One task's ledger file, written a layer at a time (the main process receives each layer's update during the
+    merge and never holds the whole task's); the file appears at `close`. Use it as a context manager."""
+
+    def __init__(self, path: str, index: int, name: str, method: str):
+        self.path, self.index, self.name, self.method = path, index, name, method
+        self.layers: dict[str, dict] = {}
+        self._names: dict[str, str] = {}  # module → layer name in the model
+        self._file = SafetensorsWriter(path)
+
+    def __enter__(self) -> LedgerWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            self.abort()
+
+    def add(self, layer_name: str, layer: LayerUpdate) -> None:
+        module = module_name(layer_name)
+        self._names[module] = layer_name
+        self.layers[module] = {"shape": list(layer.shape), "scaling": layer.scaling}
+        if layer.is_sparse:
+            numel = layer.shape[0] * layer.shape[1]
+            if 4 * len(layer.indices) > numel / 8:  # denser than 1/32: a bit per entry beats an int32 per nonzero
+                mask = np.zeros(numel, dtype=bool)
+                mask[layer.indices.numpy()] = True
+                self._file.add(f"{module}.mask", torch.from_numpy(np.packbits(mask)))
+            else:
+                self._file.add(f"{module}.indices", layer.indices.to(torch.int32 if numel < 2**31 else torch.int64))
+            self._file.add(f"{module}.values", layer.values.float())  # in flat order, as the indices
+        else:
+            self._file.add(f"{module}.lora_A", layer.lora_A)
+            self._file.add(f"{module}.lora_B", layer.lora_B)
+
+    def close(self, update: MergedTaskUpdate, metadata: dict | None = None) -> str:
+        """Write the file with its metadata (τ and sparsity from `update`); returns its path."""
+        from . import __version__
+
+        sparsity = update.sparsity()
+        for module, info in self.layers.items():
+            info["sparsity"] = sparsity.get(self._names[module])
+        meta = {
+            "format": FORMAT,
+            "task": self.name,
+            "index": self.index,
+            "method": self.method,
+            "package_version": __version__,
+            "tau": update.taus,
+            "sparsity_mean": float(np.mean(list(sparsity.values()))) if sparsity else None,
+            "layers": self.layers,
+            **(metadata or {}),
+        }
+        self._file.set_metadata({"jumplora": json.dumps(meta)})
+        return self._file.close()
+
+    def abort(self) -> None:
+        self._file.abort()
 
 
 @torch.no_grad()

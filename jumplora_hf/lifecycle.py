@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from transformers import TrainerCallback, set_seed
 
+from .entries import all_reduce_sum, is_main_process
 from .gate import interpolation_gamma
 from .layer import JumpLoraLinear, iter_jumplora_layers, set_interpolation_gamma
-from .metrics import pack_support, support_sparsity
+from .metrics import pack_support
 from .sequence import TaskSpan, reset_optimizer_state
 from .thresholds import initialize_thresholds, threshold_statistics
 from .zero import gathered_adapters, writing_adapters
@@ -67,16 +68,23 @@ def dense_lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor
 
 @dataclass
 class MergedTaskUpdate:
-    """What a task left in the base weights: per adapted layer, the support of ΔW_final (bit-packed), and, until
-    the run directory has written them into the ledger, the exact updates (`layers`)."""
+    """What a task left in the base weights, per adapted layer: the support of ΔW_final (bit-packed, over this
+    process's entries: the whole layer, or under ZeRO-3 its partition), the whole layer's entry and support counts,
+    the mean Jaccard overlap of the support with each earlier task's (computed at the merge, over every process), and
+    τ per threshold group."""
 
     supports: dict[str, np.ndarray] = field(default_factory=dict)
     numels: dict[str, int] = field(default_factory=dict)
-    layers: dict[str, LayerUpdate] = field(default_factory=dict)
+    nonzeros: dict[str, int] = field(default_factory=dict)
+    jaccard: dict[str, float] = field(default_factory=dict)  # empty for the first task
     taus: dict[str, float] = field(default_factory=dict)  # τ per threshold group at the merge (JumpLoRA)
+    workspace_bytes: int = 0  # the largest transient tensors of one layer's merge on this process
 
     def sparsity(self) -> dict[str, float]:
-        return {name: support_sparsity(packed, self.numels[name]) for name, packed in self.supports.items()}
+        return {name: 1.0 - self.nonzeros[name] / self.numels[name] for name in self.numels}
+
+    def support_nbytes(self) -> int:
+        return sum(packed.nbytes for packed in self.supports.values())
 
 
 class ContinualCallback(TrainerCallback):
@@ -88,6 +96,8 @@ class ContinualCallback(TrainerCallback):
       (`step` is the step within the task);
     - `on_task_log`: `logs`, the dict about to be logged (add scalars to it; they reach `log_history` and every
       `report_to` backend);
+    - `on_task_layer_merged` (main process only): `name` and `layer_update`, the exact `LayerUpdate` one adapted
+      layer just received, one call per layer during the merge (the ledger streams them to disk);
     - `on_task_end`: `update`, the `MergedTaskUpdate` just merged into the base weights, and `record` (add what
       the report should say about the task with `record.note(task.index, key=value)`);
     - `on_task_evaluated`: `row` (the accuracies after this task) and `record` (the `ContinualRecord` so far).
@@ -100,6 +110,9 @@ class ContinualCallback(TrainerCallback):
         pass
 
     def on_task_log(self, args, state, control, **kwargs):
+        pass
+
+    def on_task_layer_merged(self, args, state, control, **kwargs):
         pass
 
     def on_task_end(self, args, state, control, **kwargs):
@@ -153,9 +166,9 @@ def _thresholds_ready(model: torch.nn.Module, adapter: str) -> bool:
 
 def _sparse_update(layer: JumpLoraLinear, adapter: str, final: torch.Tensor) -> LayerUpdate:
     scaling = float(layer.scaling[adapter])
-    flat = final.reshape(-1)
+    flat = final.reshape(-1).cpu()  # extracted in host memory: the device holds only the layer's ΔW_final
     indices = torch.nonzero(flat, as_tuple=True)[0]
-    return LayerUpdate(tuple(final.shape), scaling, indices=indices.cpu(), values=(flat[indices] * scaling).cpu())
+    return LayerUpdate(tuple(final.shape), scaling, indices=indices, values=flat[indices] * scaling)
 
 
 def _dense_update(layer: JumpLoraLinear, adapter: str) -> LayerUpdate:
@@ -165,26 +178,69 @@ def _dense_update(layer: JumpLoraLinear, adapter: str) -> LayerUpdate:
 
 
 def end_task(
-    model: torch.nn.Module, accumulate_w_past: bool, adapter: str = "default", record_layers: bool = False
+    model: torch.nn.Module,
+    accumulate_w_past: bool,
+    adapter: str = "default",
+    on_layer: Callable[[str, LayerUpdate], None] | None = None,
+    previous: Sequence[MergedTaskUpdate] = (),
 ) -> MergedTaskUpdate:
-    """W ← W + β·ΔW_final for every adapted layer (and W_past ← W_past + ΔW_final for ELLA).
+    """W ← W + β·ΔW_final for every adapted layer (and W_past ← W_past + ΔW_final for ELLA), one layer at a time.
 
-    The adapters' update is removed (B = 0), so the model then computes the merged base model alone. With
-    `record_layers`, the update keeps the exact per-layer updates for the ledger.
+    The adapters (A, B, τ) must be whole on every process (`zero.writing_adapters`); the base weights are not
+    gathered: each process writes its own entries (entries.py), so the extra memory of the merge is one layer's
+    ΔW_final. The adapters' update is removed (B = 0), so the model then computes the merged base model alone.
+    `on_layer(name, layer_update)`, on the main process, receives each layer's exact update as it is merged (the
+    ledger); `previous` are the earlier tasks' updates, for the overlap of the supports. Every process must call it.
     """
     update = MergedTaskUpdate()
+    main = is_main_process()
+    counts, partitions = [], []
     for name, layer in iter_jumplora_layers(model):
         if adapter not in layer.lora_A:
             continue
-        dense = _dense_update(layer, adapter) if record_layers and not layer.is_jump(adapter) else None
+        dense = _dense_update(layer, adapter) if on_layer is not None and main and not layer.is_jump(adapter) else None
         if layer.is_jump(adapter) and layer.jump_threshold_group[adapter] not in update.taus:
             update.taus[layer.jump_threshold_group[adapter]] = float(layer.log_tau(adapter).detach().exp())
         final = layer.fold_final_delta(adapter, accumulate_w_past)  # zeroes B: the factors are read before
-        if record_layers:
-            update.layers[name] = dense if dense is not None else _sparse_update(layer, adapter, final)
-        update.supports[name] = pack_support((final != 0).cpu().numpy())
-        update.numels[name] = final.numel()
+        partition = layer.jump_partition
+        local = partition.local(final) != 0
+        masks = 2 * final.numel() if layer.is_jump(adapter) else 0  # gate.hard_threshold_ (see merge_workspace_nbytes)
+        update.workspace_bytes = max(
+            update.workspace_bytes, final.numel() * final.element_size() + masks + local.numel()
+        )
+        if on_layer is not None and main:
+            on_layer(name, dense if dense is not None else _sparse_update(layer, adapter, final))
+        del final
+        packed = pack_support(local.cpu().numpy())
+        del local
+        update.supports[name] = packed
+        update.numels[name] = partition.numel
+        row = [int(np.bitwise_count(packed).sum())]
+        for past in previous:
+            row += [
+                int(np.bitwise_count(packed & past.supports[name]).sum()),
+                int(np.bitwise_count(packed | past.supports[name]).sum()),
+            ]
+        counts.append(row)
+        partitions.append(partition)
+    _sum_over_partitions(counts, partitions)
+    for (name, numel), row in zip(update.numels.items(), counts):
+        update.nonzeros[name] = row[0]
+        if previous:
+            pairs = [(row[1 + 2 * p], row[2 + 2 * p]) for p in range(len(previous))]
+            update.jaccard[name] = float(np.mean([inter / union if union else 0.0 for inter, union in pairs]))
     return update
+
+
+def _sum_over_partitions(counts: list[list[int]], partitions: list) -> None:
+    """Sum, in place, the counts of the layers whose entries are spread over processes (one all-reduce)."""
+    rows = [i for i, p in enumerate(partitions) if p.sharded]
+    if not rows:
+        return
+    group = partitions[rows[0]].group
+    summed = all_reduce_sum(torch.tensor([counts[i] for i in rows], dtype=torch.int64), group).tolist()
+    for i, row in zip(rows, summed):
+        counts[i] = row
 
 
 # ----------------------------------------------------------------------------- listeners of the lifecycle
@@ -214,7 +270,8 @@ class TaskSequence(TrainerCallback):
     finished once its last step is done and logged (at the next step's start, or at the end of training: the
     Trainer logs a step after `on_step_end`, so the logs of a task's last step still describe its adapters).
 
-    Its inputs are its own: the spans, the seed, what to do at a task's start (`prepare`), how to evaluate
+    Its inputs are its own: the spans, the seed, what to do once the engine exists (`start`: restore a resumed run's
+    state) and at a task's start (`prepare`), how to evaluate
     (`evaluate(task) -> row`), the record it fills and the callbacks it announces the events to.
     """
 
@@ -227,14 +284,19 @@ class TaskSequence(TrainerCallback):
         callbacks: Callable[[], Sequence],
         accumulate_w_past: bool,
         prepare: Callable[[torch.nn.Module], None] | None = None,
+        start: Callable[[torch.nn.Module], None] | None = None,
     ):
         self.spans, self.seed, self.record = list(spans), seed, record
-        self.evaluate, self.callbacks, self.prepare = evaluate, callbacks, prepare
+        self.evaluate, self.callbacks, self.prepare, self.start = evaluate, callbacks, prepare, start
         self.accumulate_w_past = accumulate_w_past
         self.current: TaskSpan | None = None
 
     def _span_at(self, step: int, attribute: str) -> TaskSpan | None:
         return next((s for s in self.spans if getattr(s, attribute) == step), None)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.start is not None:  # the engine exists: under ZeRO-3 the weights are partitioned by now
+            self.start(model)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         ending = self._span_at(state.global_step, "end_step")
@@ -255,16 +317,31 @@ class TaskSequence(TrainerCallback):
     def _begin(self, args, state, control, task: TaskSpan, model, optimizer) -> None:
         self.current = task
         set_seed(self.seed + task.index)  # dropout etc. of a task independent of the tasks before it
-        with writing_adapters(model, include_base=self.prepare is not None):
-            if self.prepare is not None:
-                self.prepare(model)
+        if self.prepare is not None:
+            self.prepare(model)
+        with writing_adapters(model):
             begin_task(model, task.index, self.seed)
         reset_optimizer_state(optimizer)  # Adam moments and step count start afresh, as in a new optimizer
         dispatch(self.callbacks(), "on_task_begin", args, state, control, task=task, model=model, optimizer=optimizer)
 
     def _end(self, args, state, control, task: TaskSpan, model) -> None:
-        with writing_adapters(model, include_base=True):
-            update = end_task(model, self.accumulate_w_past, record_layers=True)
+        callbacks = self.callbacks()
+
+        def merged(name: str, layer_update: LayerUpdate) -> None:
+            dispatch(
+                callbacks,
+                "on_task_layer_merged",
+                args,
+                state,
+                control,
+                task=task,
+                name=name,
+                layer_update=layer_update,
+                record=self.record,
+            )
+
+        with writing_adapters(model):  # A, B and τ whole on every process; the base weights are written in place
+            update = end_task(model, self.accumulate_w_past, on_layer=merged, previous=self.record.updates)
         self.record.add_task(task.name, update)
         dispatch(
             self.callbacks(),
@@ -290,5 +367,4 @@ class TaskSequence(TrainerCallback):
             record=self.record,
             model=model,
         )
-        update.layers.clear()  # written by now; only the supports stay in memory
         self.current = None

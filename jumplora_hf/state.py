@@ -2,12 +2,18 @@
 
 `ContinualRecord` holds the finished tasks, their merged-update supports and the accuracy matrix, and builds the
 report (`continual_metrics.json`). `RunDirectory` writes, after every task, the task's ledger file, the resume state
-and the report; `load_run_state` reads the resume state back. Everything on disk is safetensors (tensors) and JSON:
-nothing is unpickled, so a run dir handed over by someone else cannot run code when it is resumed.
+and the report; `load_run_state` and `restore_run_tensors` read the resume state back. Everything on disk is
+safetensors (tensors) and JSON: nothing is unpickled, so a run dir handed over by someone else cannot run code when it
+is resumed.
 
 Resume state: `continual_state.json` is the commit point. It names the tensor file of the same task count
 (`continual_state-NN.safetensors`: the merged adapted weights, W_past and the supports) and the ledger files with
 their SHA-256, so a crash between two writes never pairs a state with the tensors or ledger of another task.
+
+Only the main process (global rank 0) reads and writes the run dir; the other processes get what they need from it
+by broadcast, so the run dir need only be on the main node's disk. The tensors go through the main process one layer
+at a time: a write gathers each layer's entries from the processes that hold them (ZeRO-3) and streams it into the
+file, a restore broadcasts each layer and every process keeps its own entries. No process holds the whole state.
 """
 
 from __future__ import annotations
@@ -20,17 +26,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from . import metrics
-from .files import read_json, write_json_atomic
+from .entries import broadcast_from_main, broadcast_json, gather_entries_to_main, is_main_process
+from .files import SAFETENSORS_DTYPES, SafetensorsWriter, read_json, write_json_atomic
 from .layer import iter_jumplora_layers
-from .ledger import TaskLedger
+from .ledger import STATE_FILE, TaskLedger
 from .lifecycle import ContinualCallback, MergedTaskUpdate
-from .zero import gathered_adapters
 
 METRICS_FILE = "continual_metrics.json"
-STATE_FILE = "continual_state.json"
 LEGACY_STATE_FILE = "continual_state.pt"  # jumplora_hf 0.1 (a pickle): refused, never loaded
 STATE_FORMAT = 2
 
@@ -72,12 +78,10 @@ class ContinualRecord:
                 "sparsity": {"mean": _mean(sparsity), "per_layer": sparsity},
             }
             if not self.single_task_baselines and index < len(self.accuracy_matrix):
-                overlap = metrics.mean_jaccard_with_previous(
-                    update.supports, [u.supports for u in self.updates[:index]]
-                )
                 partial = [row[: index + 1] for row in self.accuracy_matrix[: index + 1]]
                 entry["overall_accuracy"] = metrics.overall_accuracy(partial)
                 entry["backward_transfer"] = metrics.backward_transfer(partial)
+                overlap = update.jaccard
                 entry["jaccard_with_previous"] = {"mean": _mean(overlap), "per_layer": overlap} if overlap else None
             if update.taus:
                 entry["tau"] = dict(update.taus)
@@ -113,35 +117,7 @@ def _mean(values: dict[str, float]) -> float | None:
     return float(np.mean(list(values.values()))) if values else None
 
 
-# ----------------------------------------------------------------------------- merged state of the model
-def merged_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What the finished tasks left in the model: the adapted layers' merged weights (the float32 copy for bf16/fp16
-    weights) and W_past, on CPU, as flat safetensors keys."""
-    tensors = {}
-    for name, layer in iter_jumplora_layers(model):
-        tensors[f"weight/{name}"] = layer.merged_weight().detach().cpu().clone()
-        if layer.ella_w_past is not None:
-            tensors[f"w_past/{name}"] = layer.ella_w_past.detach().cpu().clone()
-    return tensors
-
-
-@torch.no_grad()
-def restore_merged_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Put `merged_state(...)` of an earlier run back into a model built the same way."""
-    layers = dict(iter_jumplora_layers(model))
-    saved = {key.split("/", 1)[1] for key in tensors if key.startswith("weight/")}
-    if set(layers) != saved:
-        raise ValueError(
-            f"the saved state adapts {len(saved)} layers, this model {len(layers)}; resume with the same model and "
-            "target_modules"
-        )
-    for name, layer in layers.items():
-        layer.restore_merged_weight(tensors[f"weight/{name}"])
-        past = tensors.get(f"w_past/{name}")
-        layer.ella_w_past = None if past is None else past.to(layer.get_base_layer().weight.device)
-
-
-# ----------------------------------------------------------------------------- the run directory
+# ----------------------------------------------------------------------------- the resume state's tensors
 def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -150,17 +126,107 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
+def _support_bytes(numel: int) -> int:
+    return (numel + 7) // 8
+
+
+def _state_specs(model: torch.nn.Module, record: ContinualRecord) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """The tensors of the resume state, in the order they are written: per layer its merged weight (the float32 copy
+    for bf16/fp16 weights) and W_past, then every finished task's support, a bit per entry."""
+    specs = []
+    for name, layer in iter_jumplora_layers(model):
+        shape = (layer.out_features, layer.in_features)
+        specs.append((f"weight/{name}", layer.merged_weight().dtype, shape))
+        if layer.ella_w_past is not None:
+            specs.append((f"w_past/{name}", torch.float32, shape))
+    for index, update in enumerate(record.updates):
+        for name, numel in update.numels.items():
+            specs.append((f"support/{index}/{name}", torch.uint8, (_support_bytes(numel),)))
+    return specs
+
+
+def _gathered_support(packed: np.ndarray, partition) -> torch.Tensor | None:
+    """A whole layer's packed support on the main process, from every process's packed part of it."""
+    if not partition.sharded:
+        return torch.from_numpy(np.ascontiguousarray(packed)) if is_main_process() else None
+    bits = torch.from_numpy(np.unpackbits(packed, count=partition.end - partition.start))
+    whole = gather_entries_to_main(bits, partition)
+    return None if whole is None else torch.from_numpy(np.packbits(whole.reshape(-1).numpy()))
+
+
+def write_state(output_dir: str, record: ContinualRecord, model: torch.nn.Module, ledger: Sequence[dict]) -> None:
+    """The resume state after `len(record.tasks)` tasks: the tensor file first, then the JSON that names it (the
+    commit point). Every process must call it (ZeRO-3 layers are gathered one at a time); the main process writes."""
+    count = len(record.tasks)
+    tensor_file = f"continual_state-{count:02d}.safetensors"
+    specs = _state_specs(model, record)
+    writer, failure = None, None
+    if is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        writer = SafetensorsWriter(os.path.join(output_dir, tensor_file), specs)
+        writer.set_metadata({"format": str(STATE_FORMAT)})
+
+    def put(key: str, tensor: torch.Tensor | None) -> None:
+        nonlocal writer, failure
+        if writer is not None and tensor is not None:
+            try:
+                writer.add(key, tensor)
+            except Exception as error:  # the other processes still gather: finish the loop, then fail everywhere
+                failure, writer = error, writer.abort()
+
+    layers = dict(iter_jumplora_layers(model))
+    for name, layer in layers.items():
+        partition = layer.entry_partition()
+        put(f"weight/{name}", gather_entries_to_main(layer.merged_weight(), partition))
+        if layer.ella_w_past is not None:
+            put(f"w_past/{name}", gather_entries_to_main(layer.ella_w_past, partition))
+    for index, update in enumerate(record.updates):
+        for name, packed in update.supports.items():
+            put(f"support/{index}/{name}", _gathered_support(packed, layers[name].entry_partition()))
+    if writer is not None:
+        try:
+            writer.close()
+        except Exception as error:
+            failure = error
+    error = broadcast_json(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if error is not None:
+        raise OSError(f"could not write the resume state in {output_dir}: {error}")
+    if not is_main_process():
+        return
+    write_json_atomic(
+        os.path.join(output_dir, STATE_FILE),
+        {
+            "format": STATE_FORMAT,
+            "method": record.method,
+            "tasks": record.tasks,
+            "single_task_baselines": record.single_task_baselines,
+            "metrics": record.metric_names[:count],
+            "accuracy_matrix": record.accuracy_matrix,
+            "numels": record.updates[-1].numels if record.updates else {},
+            "taus": [u.taus for u in record.updates],
+            "notes": {str(k): v for k, v in record.notes.items()},
+            "tensors": {"file": tensor_file, "sha256": sha256_file(os.path.join(output_dir, tensor_file))},
+            "ledger": sorted(ledger, key=lambda e: e["index"]),
+        },
+    )
+    for old in glob.glob(os.path.join(output_dir, "continual_state-*.safetensors")):
+        if os.path.basename(old) != tensor_file:
+            os.remove(old)
+
+
 @dataclass
 class SavedRun:
-    """A run dir's resume state: its record (finished tasks) and the merged tensors to restore."""
+    """A run dir's resume state: its record (finished tasks; their supports come with `restore_run_tensors`), the
+    ledger files it lists, and its tensor file (read by the main process) with each tensor's dtype and shape."""
 
     record: ContinualRecord
-    tensors: dict[str, torch.Tensor]
     ledger: list[dict]
+    tensor_path: str
+    manifest: dict[str, list]
 
 
-def load_run_state(output_dir: str, method: str, sequence: Sequence[str]) -> SavedRun | None:
-    """The resume state of `output_dir`, checked against this run (method, task order); None if there is none."""
+def _read_run_state(output_dir: str, method: str, sequence: Sequence[str]) -> dict | None:
+    """The main process's reading of the run dir: the state's JSON and the tensor file's manifest, checked."""
     if os.path.exists(os.path.join(output_dir, LEGACY_STATE_FILE)) and not os.path.exists(
         os.path.join(output_dir, STATE_FILE)
     ):
@@ -188,7 +254,30 @@ def load_run_state(output_dir: str, method: str, sequence: Sequence[str]) -> Sav
         raise ValueError(
             f"{tensor_path} is missing or does not match {STATE_FILE}; the run dir is damaged: start in a new output_dir"
         )
-    tensors = load_file(tensor_path)
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    with safe_open(tensor_path, framework="pt") as f:
+        manifest = {key: [str(names[f.get_slice(key).get_dtype()]), f.get_slice(key).get_shape()] for key in f.keys()}
+    return {"state": saved, "manifest": manifest}
+
+
+def load_run_state(output_dir: str, method: str, sequence: Sequence[str]) -> SavedRun | None:
+    """The resume state of `output_dir`, checked against this run (method, task order); None if there is none.
+
+    Every process must call it: the main process reads the run dir and sends the result (or its refusal) to the
+    others, so the other nodes need no copy of the run dir."""
+    reading = None
+    if is_main_process():
+        try:
+            reading = {"ok": _read_run_state(output_dir, method, sequence)}
+        except ValueError as error:
+            reading = {"error": str(error)}
+    reading = broadcast_json(reading)
+    if "error" in reading:
+        raise ValueError(reading["error"])
+    if reading["ok"] is None:
+        return None
+    saved, manifest = reading["ok"]["state"], reading["ok"]["manifest"]
+    done = saved["tasks"]
     record = ContinualRecord(
         method=method,
         sequence=list(sequence),
@@ -200,16 +289,53 @@ def load_run_state(output_dir: str, method: str, sequence: Sequence[str]) -> Sav
         ],
         notes={int(k): v for k, v in saved.get("notes", {}).items()},
     )
+    taus = saved.get("taus", [{}] * len(done))
     for index in range(len(done)):
-        prefix = f"support/{index}/"
-        supports = {k[len(prefix) :]: v.numpy() for k, v in tensors.items() if k.startswith(prefix)}
-        update = MergedTaskUpdate(
-            supports=supports, numels=dict(saved["numels"]), taus=dict(saved.get("taus", [{}] * len(done))[index])
+        record.updates.append(MergedTaskUpdate(numels=dict(saved["numels"]), taus=dict(taus[index])))
+    tensor_path = os.path.join(output_dir, saved["tensors"]["file"])
+    return SavedRun(record, saved.get("ledger", []), tensor_path, manifest)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+@torch.no_grad()
+def restore_run_tensors(model: torch.nn.Module, saved: SavedRun, weights: bool = True) -> None:
+    """Put the saved merged weights and W_past back into `model` (unless `weights` is False) and the supports into
+    `saved.record`, one layer at a time. Every process must call it: the main process reads, the others receive."""
+    layers = dict(iter_jumplora_layers(model))
+    saved_layers = {key.split("/", 1)[1] for key in saved.manifest if key.startswith("weight/")}
+    if set(layers) != saved_layers:
+        raise ValueError(
+            f"the saved state adapts {len(saved_layers)} layers, this model {len(layers)}; resume with the same model "
+            "and target_modules"
         )
-        record.updates.append(update)
-    return SavedRun(
-        record, {k: v for k, v in tensors.items() if not k.startswith("support/")}, saved.get("ledger", [])
-    )
+    reader = safe_open(saved.tensor_path, framework="pt") if is_main_process() else None
+
+    def receive(key: str) -> torch.Tensor:
+        dtype, shape = saved.manifest[key]
+        return broadcast_from_main(reader.get_tensor(key) if reader is not None else None, shape, _dtype(dtype))
+
+    updates = saved.record.updates
+    for name, layer in layers.items():
+        partition = layer.entry_partition()
+        if weights:
+            layer.restore_merged_weight(partition.local(receive(f"weight/{name}")))
+            past = f"w_past/{name}"
+            layer.restore_w_past(partition.local(receive(past)) if past in saved.manifest else None)
+        wholes = []
+        for update in updates:
+            packed = receive(f"support/{len(wholes)}/{name}").numpy()
+            update.nonzeros[name] = int(np.bitwise_count(packed).sum())
+            if wholes:
+                update.jaccard[name] = float(np.mean([metrics.support_jaccard(packed, p) for p in wholes]))
+            wholes.append(packed)
+            if partition.sharded:
+                bits = np.unpackbits(packed, count=partition.numel)[partition.start : partition.end]
+                update.supports[name] = np.packbits(bits)
+            else:
+                update.supports[name] = packed
 
 
 def saved_merged_weights(output_dir: str) -> dict[str, torch.Tensor]:
@@ -219,12 +345,14 @@ def saved_merged_weights(output_dir: str) -> dict[str, torch.Tensor]:
     return {key.split("/", 1)[1]: value for key, value in tensors.items() if key.startswith("weight/")}
 
 
+# ----------------------------------------------------------------------------- the run directory
 class RunDirectory(ContinualCallback):
-    """Writes, after every task (main process only), the run's config, the task's ledger file, the resume state and
-    the report, and with a per-task Hub strategy pushes the model after the task (`publisher`, a hub.HubPublisher).
+    """Writes, after every task (main process), the run's config, the task's ledger file, the resume state and the
+    report, and with a per-task Hub strategy hands the model after the task to the publisher (hub.HubPublisher).
 
-    All processes gather the merged weights (ZeRO-3); only the world main process writes. A resumed run continues
-    the same ledger: the files of finished tasks are listed in the state and never written again.
+    The ledger file is streamed during the merge (each layer's exact update as it is merged) and appears before the
+    state that lists it; readers ignore a file the state does not list. A resumed run continues the same ledger: the
+    files of finished tasks are listed in the state and never written again.
     """
 
     def __init__(
@@ -243,64 +371,40 @@ class RunDirectory(ContinualCallback):
         self.run_config = run_config
         self.publisher = publisher
         self._pending: MergedTaskUpdate | None = None
+        self._ledger = None
+
+    def on_task_layer_merged(self, args, state, control, task=None, name=None, layer_update=None, record=None, **kw):
+        if not self.write_ledger:
+            return
+        if self._ledger is None:
+            method = record.method if record is not None else getattr(args, "method", "")
+            self._ledger = TaskLedger(self.output_dir).writer(task.index, task.name, method)
+        self._ledger.add(name, layer_update)
 
     def on_task_end(self, args, state, control, update=None, **kwargs):
         self._pending = update
 
     def on_task_evaluated(self, args, state, control, task=None, record=None, model=None, **kwargs):
-        with gathered_adapters(model, include_base=True):  # every rank takes part in the ZeRO-3 gather
-            tensors = merged_state(model)
-        if state.is_world_process_zero:
-            self._write(task, record, tensors)
+        if is_main_process():
+            if self.run_config is not None:
+                write_json_atomic(os.path.join(self.output_dir, "run_config.json"), self.run_config)
+            if self._ledger is not None:
+                meta = {
+                    **self.task_metadata.get(task.name, {}),
+                    "steps": task.num_steps,
+                    "examples": task.num_examples,
+                }
+                path = self._ledger.close(self._pending, meta)
+                self.ledger_files = [e for e in self.ledger_files if e["index"] != task.index]
+                self.ledger_files.append(
+                    {"index": task.index, "file": os.path.relpath(path, self.output_dir), "sha256": sha256_file(path)}
+                )
+        self._ledger = None
+        write_state(
+            self.output_dir, record, model, self.ledger_files
+        )  # every process: layers gathered to the main one
+        if is_main_process():
+            write_json_atomic(os.path.join(self.output_dir, METRICS_FILE), record.report())
         self._pending = None
         if self.publisher is not None and self.publisher.per_task:
-            self.publisher.push_task(task.index, task.name, record.report())  # every rank: the model is gathered
-
-    def _write(self, task, record: ContinualRecord, tensors: dict[str, torch.Tensor]) -> None:
-        if self.run_config is not None:
-            write_json_atomic(os.path.join(self.output_dir, "run_config.json"), self.run_config)
-        if self.write_ledger and self._pending is not None and self._pending.layers:
-            meta = {**self.task_metadata.get(task.name, {}), "steps": task.num_steps, "examples": task.num_examples}
-            path = TaskLedger(self.output_dir).write_task(task.index, task.name, record.method, self._pending, meta)
-            self.ledger_files = [e for e in self.ledger_files if e["index"] != task.index]
-            self.ledger_files.append(
-                {"index": task.index, "file": os.path.relpath(path, self.output_dir), "sha256": sha256_file(path)}
-            )
-        write_state(self.output_dir, record, tensors, self.ledger_files)
-        write_json_atomic(os.path.join(self.output_dir, METRICS_FILE), record.report())
-
-
-def write_state(
-    output_dir: str, record: ContinualRecord, tensors: dict[str, torch.Tensor], ledger: Sequence[dict]
-) -> None:
-    """The resume state after `len(record.tasks)` tasks: tensors first, then the JSON that names them."""
-    os.makedirs(output_dir, exist_ok=True)
-    count = len(record.tasks)
-    all_tensors = dict(tensors)
-    for index, update in enumerate(record.updates):
-        for name, packed in update.supports.items():
-            all_tensors[f"support/{index}/{name}"] = torch.from_numpy(np.ascontiguousarray(packed))
-    tensor_file = f"continual_state-{count:02d}.safetensors"
-    tmp = os.path.join(output_dir, tensor_file + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in all_tensors.items()}, tmp, metadata={"format": str(STATE_FORMAT)})
-    os.replace(tmp, os.path.join(output_dir, tensor_file))
-    numels = record.updates[-1].numels if record.updates else {}
-    write_json_atomic(
-        os.path.join(output_dir, STATE_FILE),
-        {
-            "format": STATE_FORMAT,
-            "method": record.method,
-            "tasks": record.tasks,
-            "single_task_baselines": record.single_task_baselines,
-            "metrics": record.metric_names[:count],
-            "accuracy_matrix": record.accuracy_matrix,
-            "numels": numels,
-            "taus": [u.taus for u in record.updates],
-            "notes": {str(k): v for k, v in record.notes.items()},
-            "tensors": {"file": tensor_file, "sha256": sha256_file(os.path.join(output_dir, tensor_file))},
-            "ledger": sorted(ledger, key=lambda e: e["index"]),
-        },
-    )
-    for old in glob.glob(os.path.join(output_dir, "continual_state-*.safetensors")):
-        if os.path.basename(old) != tensor_file:
-            os.remove(old)
+            self.publisher.push_task(task.index, task.name, record.report())  # every process: the model is gathered

@@ -1,10 +1,10 @@
-"""JumpLoRA's writes outside the optimizer, made correct under DeepSpeed ZeRO.
+"""JumpLoRA's writes of the adapters outside the optimizer, made correct under DeepSpeed ZeRO.
 
-JumpLoRA changes parameters outside the optimizer step: adapters re-initialised at each task start,
-τ set at S_start, B zeroed and the base weight changed by the merge. Under ZeRO-3 a parameter is a
-shard on each rank: it is gathered whole first, and written once, by rank 0, then re-sharded. Under
-ZeRO 1-3 the optimizer also keeps fp32 master copies of the trainable parameters and copies them back
-over the model's after every step, so a write must reach the master copy too. Without DeepSpeed every
+JumpLoRA changes the adapters outside the optimizer step: re-initialised at each task start, τ set at S_start and B
+zeroed by the merge. Under ZeRO-3 a parameter is a shard on each rank: the adapters (small) are gathered whole first,
+written once, by rank 0, then re-sharded. Under ZeRO 1-3 the optimizer also keeps fp32 master copies of the trainable
+parameters and copies them back over the model's after every step, so a write must reach the master copy too. The
+frozen base weights are merged into shard by shard instead, with no gather (entries.py). Without DeepSpeed every
 function here is a no-op wrapper.
 """
 
@@ -46,13 +46,14 @@ def gathered_adapters(model: torch.nn.Module, include_base: bool = False, modifi
 
 
 @contextlib.contextmanager
-def writing_adapters(model: torch.nn.Module, include_base: bool = False) -> Iterator[None]:
-    """Write adapters (and base weights) in place inside the block; ZeRO shards and master copies follow.
+def writing_adapters(model: torch.nn.Module) -> Iterator[None]:
+    """Write A, B and τ in place inside the block; ZeRO shards and master copies follow.
 
-    Every rank computes the same values (they are seeded, or derived from gathered weights); rank 0's
-    are the ones kept, so float non-determinism between ranks cannot make them diverge.
+    Every rank computes the same values (they are seeded, or derived from gathered weights); rank 0's are the ones
+    kept, so float non-determinism between ranks cannot make them diverge. The base weights are not gathered: the
+    merge writes each process's own entries of them (entries.py).
     """
-    with gathered_adapters(model, include_base, modifier_rank=0):
+    with gathered_adapters(model, modifier_rank=0):
         yield
     sync_master_weights(adapter_parameters(model))
 

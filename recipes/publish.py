@@ -7,6 +7,7 @@ anywhere that has the run dir, network and a write token (`--hub_token` or `hf a
     python recipes/publish.py RUN_DIR --hub_model_id ID --hub_private_repo --no_ledger
     python recipes/publish.py RUN_DIR --hub_model_id ID --base_model models/SmolLM2-135M-Instruct   # no merged/: rebuilt from the ledger
     python recipes/publish.py RUN_DIR --hub_model_id ID --stage_only out/   # write the folder that would be pushed, offline
+    python recipes/publish.py RUN_DIR --hub_model_id ID --retry_pending     # upload the per-task pushes a run left staged
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--stage_only", metavar="DIR", default=None, help="write the folder to DIR instead of pushing it"
     )
+    parser.add_argument(
+        "--retry_pending",
+        action="store_true",
+        help="upload, in task order, the per-task pushes a run left staged in RUN_DIR/hub_pending (nothing else)",
+    )
     return parser.parse_args(argv)
 
 
@@ -49,6 +55,15 @@ def main(argv=None, api=None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.retry_pending:
+        publisher = HubPublisher(args.run_dir, args.hub_model_id, api=api, token=args.hub_token)
+        queued = publisher.retry_pending()
+        failures = publisher.wait()
+        print(
+            f"{queued - len(failures)} of {queued} staged push(es) uploaded"
+            + (f"; failed: {failures}" if failures else "")
+        )
+        return 1 if failures else 0
     merged = args.merged_dir or os.path.join(args.run_dir, "merged")
     with tempfile.TemporaryDirectory(prefix="jumplora_publish_") as tmp:
         if not os.path.isdir(merged):

@@ -8,9 +8,11 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 from safetensors.torch import save_file
+from transformers import T5ForConditionalGeneration
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny import SurvivorProbe, keyword_task, tiny_t5, tokenizer  # noqa: E402
@@ -37,6 +39,22 @@ class TaskStartProbe(ContinualCallback):
                 max(layer.lora_B["default"].weight.abs().max().item() for _, layer in iter_jumplora_layers(model))
             )
         self.optimizer_states.append(len(innermost_optimizer(optimizer).state))
+
+
+class PauseAt(ContinualCallback):
+    """Stops every process at step `step` of task `task` (0-based): each writes `paused-rank<R>` into `folder` and
+    sleeps, so that a test can kill the whole job at a known point (after the earlier tasks were committed)."""
+
+    def __init__(self, task: int, step: int, folder: str):
+        self.task, self.step, self.folder = task, step, folder
+
+    def on_task_step(self, args, state, control, task=None, step=0, **kwargs):
+        if task.index == self.task and step == self.step:
+            rank = int(os.environ.get("RANK", 0))
+            with open(os.path.join(self.folder, f"paused-rank{rank}"), "w") as f:
+                f.write(str(os.getpid()))
+            while True:
+                time.sleep(60)
 
 
 def innermost_optimizer(optimizer):
@@ -69,11 +87,24 @@ def main():
         "--zero_stage", type=int, default=0, help="2 or 3: DeepSpeed ZeRO from the arguments (no config file)"
     )
     parser.add_argument("--tau_lr_multiplier", type=float, default=1.0)
+    parser.add_argument("--steps_per_task", type=int, default=4, help="optimizer steps per task (8 examples each)")
+    parser.add_argument("--pause", default=None, help="TASK,STEP,FOLDER: stop there (PauseAt) for a kill test")
+    parser.add_argument(
+        "--from_pretrained",
+        default=None,
+        help="load the tiny model saved here after the training arguments exist: under ZeRO-3 it is built "
+        "partitioned (zero.Init), as from_pretrained does for a large model",
+    )
+    parser.add_argument("--tasks", type=int, default=3)
+    parser.add_argument("--d_model", type=int, default=32)
+    parser.add_argument(
+        "--memory_report", action="store_true", help="every process writes the bytes of JumpLoRA's state it holds"
+    )
     cli = parser.parse_args()
     args = ContinualSeq2SeqConfig(
         output_dir=cli.out,
         method=cli.method,
-        ella_lambda=[0.0, 100.0, 100.0] if "ella" in cli.method else None,
+        ella_lambda=[0.0] + [100.0] * (cli.tasks - 1) if "ella" in cli.method else None,
         per_device_train_batch_size=8 // int(os.environ.get("WORLD_SIZE", 1)),
         per_device_eval_batch_size=4,
         learning_rate=0.5 if cli.optim == "sgd" else 1e-2,
@@ -94,19 +125,36 @@ def main():
         bf16=os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16",  # launched with --mixed_precision bf16
     )
     probe, survivors = TaskStartProbe(), SurvivorProbe()
+    callbacks = [probe, survivors]
+    if cli.pause:
+        task, step, folder = cli.pause.split(",", 2)
+        callbacks.append(PauseAt(int(task), int(step), folder))
     config = JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], threshold_mode=cli.threshold_mode)
-    trainer = ContinualSeq2SeqTrainer(
-        tiny_t5(tie_word_embeddings=False), args, tokenizer(), peft_config=config, callbacks=[probe, survivors]
-    )
+    if cli.from_pretrained:
+        model = T5ForConditionalGeneration.from_pretrained(cli.from_pretrained)
+    else:
+        model = tiny_t5(d_model=cli.d_model, tie_word_embeddings=False)
+    built_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
+    trainer = ContinualSeq2SeqTrainer(model, args, tokenizer(), peft_config=config, callbacks=callbacks)
     # every example has the same length, so every rank holds as many answer tokens as any other and the
     # per-rank loss normalisation equals the global one: the backends can then agree to float precision
     tasks = [
-        keyword_task(f"task{i}", options, triggers, n_train=32, n_eval=12, seed=i, filler=(0, 0))
+        keyword_task(f"task{i}", options, triggers, n_train=8 * cli.steps_per_task, n_eval=12, seed=i, filler=(0, 0))
         for i, (options, triggers) in enumerate(
-            [(["aa", "bb"], ["xx", "yy"]), (["cc", "dd"], ["uu", "vv"]), (["ee", "ff"], ["ss", "tt"])]
+            [(["aa", "bb"], ["xx", "yy"]), (["cc", "dd"], ["uu", "vv"]), (["ee", "ff"], ["ss", "tt"])][: cli.tasks]
         )
     ]
     report = trainer.train_continual(tasks)
+    if cli.memory_report:
+        layers = [layer for _, layer in iter_jumplora_layers(trainer.model)]
+        memory = {
+            "state_bytes": sum(layer.entry_state_nbytes() for layer in layers),
+            "support_bytes": sum(update.support_nbytes() for update in trainer.record.updates),
+            "workspace_bytes": max(update.workspace_bytes for update in trainer.record.updates),
+        }
+        os.makedirs(cli.out, exist_ok=True)
+        with open(os.path.join(cli.out, f"memory-rank{int(os.environ.get('RANK', 0))}.json"), "w") as f:
+            json.dump(memory, f)
     with gathered_adapters(trainer.model, include_base=True):
         weights = {
             name: layer.get_base_layer().weight.detach().cpu().clone()
@@ -126,6 +174,7 @@ def main():
             "group_lrs": [g["lr"] for g in innermost_optimizer(trainer.optimizer).param_groups],
             "learning_rate": trainer.args.learning_rate,
             "survivors_at_s_start": survivors.counts,
+            "built_partitioned": built_partitioned,
         }
         with open(os.path.join(cli.out, "result.json"), "w") as f:
             json.dump(result, f)

@@ -1,7 +1,9 @@
 """One test per contract of `jumplora_hf._compat` with another package's private or undocumented names. The
-DeepSpeed parameter attributes (`ds_id`, `ds_tensor`, `_hp_mapping`) are exercised for real by the 2-process
-ZeRO-2/3 runs of test_distributed.py; here only their absence on plain tensors."""
+DeepSpeed parameter attributes (`ds_id`, `ds_tensor`, `ds_status`, `ds_process_group`, `_hp_mapping`) are exercised
+for real by the 2-process ZeRO-2/3 runs of test_distributed.py; here their absence on plain tensors, and the ZeRO-3
+ones on one partitioned weight (tests/zero3_contract_run.py)."""
 
+import os
 import warnings
 
 import torch
@@ -92,3 +94,17 @@ def test_generation_kwargs_stored_by_predict_and_prepare_inputs(tmp_path):
 def test_deepspeed_attributes_are_absent_on_plain_parameters():
     param = torch.nn.Parameter(torch.zeros(2))
     assert not _compat.is_zero3_param(param) and not _compat.has_zero_fp32_fragment(param)
+
+
+def test_zero3_parameter_attributes_on_a_partitioned_weight():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = os.path.join(os.path.dirname(__file__), "zero3_contract_run.py")
+    env = {**os.environ, "PORT": str(port), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-2000:]

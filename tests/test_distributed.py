@@ -10,9 +10,11 @@ communication op once; TORCH_EXTENSIONS_DIR keeps that build for the whole test 
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -37,7 +39,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(config_file: str, processes: int, precision: str = "no") -> list[str]:
+def launch_command(config_file: str, processes: int, precision: str = "no", port: int | None = None) -> list[str]:
     """`accelerate launch --config_file accelerate_configs/<file>` with the overrides a CPU machine needs."""
     command = [
         sys.executable,
@@ -50,9 +52,9 @@ def launch_command(config_file: str, processes: int, precision: str = "no") -> l
         "--mixed_precision",
         precision,
     ]
-    if config_file == "multi_node_zero3.yaml":
+    if config_file == "multi_node_zero3.yaml" and port is None:
         command += ["--num_machines", "1", "--machine_rank", "0", "--main_process_ip", "127.0.0.1"]
-    return command + ["--main_process_port", str(_free_port())]
+    return command + ["--main_process_port", str(port or _free_port())]
 
 
 @pytest.fixture(scope="session")
@@ -187,3 +189,134 @@ def test_the_prepared_gpu_check_runs_on_cpu(extensions_dir):
     assert "jump_fused/lora: time" in out and "0 failed check(s)" in out
     for label in ("fp32, CPU (reference)", "accelerate bf16", "DeepSpeed ZeRO-2 bf16", "DeepSpeed ZeRO-3 bf16"):
         assert f"| {label} |" in out and "| yes | yes |" in out.split(f"| {label} |")[1].splitlines()[0]
+
+
+# ----------------------------------------------------------------------------- several machines, no shared disk
+def two_machine_command(config_file: str, machine_rank: int, port: int, precision: str) -> list[str]:
+    """One of two "machines" on localhost: one process each, as on two nodes of one GPU each."""
+    command = launch_command(config_file, 2, precision, port=port)
+    return command + ["--num_machines", "2", "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
+
+
+def _two_machines(prefix, config_file, precision, extensions_dir, runner_args, pause=None):
+    """Run both machines, each with its own output dir (`<prefix>-node0`, `-node1`: node-local disks). With `pause`
+    (task, step), stop both machines there and kill -9 every process of the job (launchers and workers)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(extensions_dir)}
+    port = _free_port()
+    marks = f"{prefix}-pause"
+    os.makedirs(marks, exist_ok=True)
+    launchers = []
+    for rank in (0, 1):
+        command = [*two_machine_command(config_file, rank, port, precision), RUNNER, f"{prefix}-node{rank}"]
+        command += runner_args + (["--pause", f"{pause[0]},{pause[1]},{marks}"] if pause else [])
+        log = open(f"{prefix}-node{rank}.log", "w")
+        launchers.append(
+            subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
+    if pause is None:
+        codes = [p.wait(timeout=900) for p in launchers]
+        assert codes == [0, 0], open(f"{prefix}-node0.log").read()[-3000:] + open(f"{prefix}-node1.log").read()[-3000:]
+        return
+    deadline = time.monotonic() + 600
+    paused = [os.path.join(marks, f"paused-rank{r}") for r in (0, 1)]
+    while not all(os.path.exists(p) and open(p).read() for p in paused):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in launchers), "the run did not pause"
+        time.sleep(0.5)
+    workers = [int(open(p).read()) for p in paused]  # the workers run in sessions of their own
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    for launcher in launchers:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=60)
+
+
+TWO_MACHINE_CASES = {
+    # backend: (config file, precision, runner arguments)
+    "ddp": ("multi_gpu.yaml", "no", []),
+    "zero2": ("zero2.yaml", "no", []),
+    # built partitioned (zero.Init), bf16: the float32 merge copies are sharded too
+    "zero3": ("zero3.yaml", "bf16", ["--from_pretrained", "{model}"]),
+    "zero3_multi_node": ("multi_node_zero3.yaml", "no", []),
+}
+
+
+@pytest.fixture(scope="session")
+def saved_tiny_t5(tmp_path_factory):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny import tiny_t5
+
+    folder = tmp_path_factory.mktemp("tiny_t5")
+    tiny_t5(tie_word_embeddings=False).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("backend", sorted(TWO_MACHINE_CASES))
+def test_two_machines_without_a_shared_disk_restart_bit_identically(tmp_path, extensions_dir, saved_tiny_t5, backend):
+    # Two "machines" on localhost, each writing to its own output dir; 3 tasks of 20 Adam steps. The job is killed
+    # (every process, kill -9) at step 5 of task 2 and launched again: the main machine's run dir alone must bring
+    # both machines back to the end of task 1, and the result must equal the uninterrupted run's bit for bit
+    config_file, precision, extra = TWO_MACHINE_CASES[backend]
+    runner_args = [
+        "--method",
+        "jumplora_ella",
+        "--optim",
+        "adamw_torch",
+        "--steps_per_task",
+        "20",
+        *[a.format(model=saved_tiny_t5) for a in extra],
+    ]
+    _two_machines(str(tmp_path / "full"), config_file, precision, extensions_dir, runner_args)
+    _two_machines(str(tmp_path / "part"), config_file, precision, extensions_dir, runner_args, pause=(1, 5))
+    state = json.loads((tmp_path / "part-node0" / "continual_state.json").read_text())
+    assert state["tasks"] == ["task0"]  # killed inside task 2, after task 1 was committed
+    assert not (tmp_path / "part-node1").exists() or "continual_state.json" not in os.listdir(tmp_path / "part-node1")
+    _two_machines(str(tmp_path / "part"), config_file, precision, extensions_dir, runner_args)
+
+    full = json.loads((tmp_path / "full-node0" / "result.json").read_text())
+    resumed = json.loads((tmp_path / "part-node0" / "result.json").read_text())
+    assert full["world_size"] == resumed["world_size"] == 2  # one job over both machines, not two single ones
+    assert resumed["report"]["accuracy_matrix"] == full["report"]["accuracy_matrix"]
+    assert [t["sparsity"] for t in resumed["report"]["per_task"]] == [
+        t["sparsity"] for t in full["report"]["per_task"]
+    ]
+    weights = load_file(tmp_path / "full-node0" / "weights.safetensors")
+    for name, weight in load_file(tmp_path / "part-node0" / "weights.safetensors").items():
+        assert torch.equal(weight, weights[name]), name
+    if "--from_pretrained" in runner_args:
+        assert resumed["built_partitioned"]  # from_pretrained under ZeRO-3 built the model partitioned
+        assert all(survivors == budget for survivors, budget in resumed["survivors_at_s_start"])
+        # the ledger: base + every task's exact update, rounded once to bf16, is the trained model
+        base = T5ForConditionalGeneration.from_pretrained(saved_tiny_t5).to(torch.bfloat16)
+        from jumplora_hf import TaskLedger
+
+        rebuilt = dict(TaskLedger(str(tmp_path / "part-node0")).compose(base).named_parameters())
+        merged = T5ForConditionalGeneration.from_pretrained(tmp_path / "part-node0" / "merged").state_dict()
+        for name, weight in weights.items():
+            key = name.removeprefix("base_model.model.") + ".weight"
+            assert torch.equal(rebuilt[key], weight) and torch.equal(merged[key], weight), key
+
+
+def test_the_state_each_process_holds_falls_as_one_over_the_processes(tmp_path):
+    # benchmarks/entry_memory.py --measure: 1, 2 and 4 gloo processes under ZeRO-3 bf16 on a tiny T5 whose weights
+    # do not split evenly in 4; each process counts the bytes of the float32 merge copies, W_past and supports it holds
+    out = tmp_path / "memory.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = os.path.join(ROOT, "benchmarks", "entry_memory.py")
+    done = subprocess.run(
+        [sys.executable, script, "--measure_only", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    measured = json.loads(out.read_text())["measured"]
+    single = next(r for r in measured if r["processes"] == 1)
+    for processes in (2, 4):
+        ranks = [r for r in measured if r["processes"] == processes]
+        assert len(ranks) == processes
+        total = sum(r["state_bytes"] for r in ranks)
+        assert single["state_bytes"] <= total <= single["state_bytes"] + 4 * 4 * 8 * processes  # + padding only
+        for r in ranks:
+            assert r["state_bytes"] <= single["state_bytes"] / processes + 4 * 4 * 8  # 8 layers × ≤ 3 padded entries
+            assert r["support_bytes"] <= single["support_bytes"] / processes + 2 * 8 * 2  # packing rounds up a byte

@@ -4,9 +4,11 @@ resume, and `recipes/publish.py` for a finished run dir."""
 
 import inspect
 import json
+import logging
 import os
 import shutil
 import sys
+import time
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from huggingface_hub import HfApi, ModelCard
 from tiny import continual_args, task_stream, tiny_llama, tokenizer
 from transformers import AutoModelForCausalLM
 
-from jumplora_hf import ContinualSeq2SeqTrainer, JumpLoraConfig
+from jumplora_hf import ContinualCallback, ContinualSeq2SeqTrainer, JumpLoraConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,6 +44,11 @@ class RecordingHubApi:
 
     def create_tag(self, repo_id, **kwargs):
         self._record("create_tag", repo_id, **kwargs)
+
+    def list_repo_refs(self, repo_id, **kwargs):
+        inspect.signature(HfApi.list_repo_refs).bind(None, repo_id, **kwargs)
+        tags = [type("GitRefInfo", (), {"name": c[2]["tag"]})() for c in self.named("create_tag")]
+        return type("GitRefs", (), {"tags": tags})()
 
     def named(self, name):
         return [c for c in self.calls if c[0] == name]
@@ -197,3 +204,84 @@ def test_card_names_a_hub_base_model_only_and_loads_with_the_right_class(
     assert f"`{base}`" in card.text and ("(a local checkpoint)" in card.text) is local
     assert f'{auto_class}.from_pretrained("me/run")' in card.text and "hf download me/run" in card.text
     assert "huggingface-cli" not in card.text  # not in huggingface_hub 1.x / 2.x
+
+
+class SlowHubApi(RecordingHubApi):
+    """Each upload takes `delay` seconds; records when each started and ended."""
+
+    def __init__(self, snapshots, delay):
+        super().__init__(snapshots)
+        self.delay, self.times = delay, []
+
+    def upload_folder(self, **kwargs):
+        start = time.monotonic()
+        time.sleep(self.delay)
+        result = super().upload_folder(**kwargs)
+        self.times.append((start, time.monotonic()))
+        return result
+
+
+class FailingHubApi(RecordingHubApi):
+    """The second upload fails (the network went away); or, with `tag_then_fail`, the second push reaches the Hub
+    (commit and tag) but the client fails afterwards, so the run never records it."""
+
+    def __init__(self, snapshots, tag_then_fail=False):
+        super().__init__(snapshots)
+        self.tag_then_fail = tag_then_fail
+
+    def upload_folder(self, **kwargs):
+        if not self.tag_then_fail and len(self.named("upload_folder")) == 1:
+            raise ConnectionError("the network is down")
+        return super().upload_folder(**kwargs)
+
+    def create_tag(self, repo_id, **kwargs):
+        super().create_tag(repo_id, **kwargs)
+        if self.tag_then_fail and len(self.named("create_tag")) == 2:
+            raise ConnectionError("the connection dropped after the tag")
+
+
+class TaskClock(ContinualCallback):
+    def __init__(self):
+        self.begins = []
+
+    def on_task_begin(self, args, state, control, **kwargs):
+        self.begins.append(time.monotonic())
+
+
+def test_uploads_run_beside_the_training_and_the_run_waits_for_them_at_the_end(tmp_path):
+    api = SlowHubApi(str(tmp_path / "pushed"), delay=1.5)
+    trainer, tasks = _trainer(tmp_path / "run", api)
+    clock = TaskClock()
+    trainer.add_callback(clock)
+    trainer.train_continual(tasks)
+    # the first upload was still running when the second task began: the training did not wait for it
+    assert api.times[0][1] > clock.begins[1]
+    assert len(api.times) == 3 and all(a[1] <= b[0] for a, b in zip(api.times, api.times[1:]))  # one at a time
+    pushes = json.loads((tmp_path / "run" / "hub_pushes.json").read_text())
+    assert [t["tag"] for t in pushes["tasks"]] == ["after-task-01-task0", "after-task-02-task1", "after-task-03-task2"]
+    assert not (tmp_path / "run" / "hub_pending").exists()  # every staged folder removed once uploaded
+
+
+@pytest.mark.parametrize("tag_then_fail", [False, True])
+def test_a_failed_push_stays_staged_and_the_restart_uploads_it_in_order(tmp_path, caplog, tag_then_fail):
+    api = FailingHubApi(str(tmp_path / "pushed"), tag_then_fail=tag_then_fail)
+    trainer, tasks = _trainer(tmp_path / "run", api)
+    with caplog.at_level(logging.ERROR):
+        report = trainer.train_continual(tasks)  # the training itself finishes
+    assert report["tasks"] == ["task0", "task1", "task2"]
+    assert "Hub uploads failed: task 2 (task1)" in caplog.text and "--retry_pending" in caplog.text
+    pushes = json.loads((tmp_path / "run" / "hub_pushes.json").read_text())
+    assert [t["tag"] for t in pushes["tasks"]] == ["after-task-01-task0"]
+    # task 3 waited behind the failed task 2, so the branch history stays in task order
+    assert sorted(os.listdir(tmp_path / "run" / "hub_pending")) == ["after-task-02-task1", "after-task-03-task2"]
+    uploads_before = len(api.named("upload_folder"))
+
+    api.tag_then_fail, api.upload_folder = False, lambda **kw: RecordingHubApi.upload_folder(api, **kw)  # back online
+    resumed, _ = _trainer(tmp_path / "run", api)
+    resumed.train_continual(tasks)  # nothing left to train: it uploads what was staged, then returns
+    pushes = json.loads((tmp_path / "run" / "hub_pushes.json").read_text())
+    assert [t["tag"] for t in pushes["tasks"]] == ["after-task-01-task0", "after-task-02-task1", "after-task-03-task2"]
+    # a push the Hub already had (its tag exists) is recorded, not uploaded again
+    assert len(api.named("upload_folder")) - uploads_before == (1 if tag_then_fail else 2)
+    assert [c[2]["tag"] for c in api.named("create_tag")] == [t["tag"] for t in pushes["tasks"]]
+    assert not (tmp_path / "run" / "hub_pending").exists()

@@ -155,9 +155,10 @@ def test_sparse_updates_round_trip_in_either_encoding(tmp_path, density):
     update = MergedTaskUpdate(
         supports={"base_model.model.l": pack_support((dense != 0).numpy())},
         numels={"base_model.model.l": dense.numel()},
-        layers={"base_model.model.l": LayerUpdate((64, 96), 2.0, indices=indices, values=flat[indices])},
+        nonzeros={"base_model.model.l": len(indices)},
     )
-    path = TaskLedger(str(tmp_path)).write_task(0, "t", "jumplora_inclora", update)
+    layers = {"base_model.model.l": LayerUpdate((64, 96), 2.0, indices=indices, values=flat[indices])}
+    path = TaskLedger(str(tmp_path)).write_task(0, "t", "jumplora_inclora", update, layers)
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
