@@ -10,6 +10,7 @@ can run. Runs resume from their last finished task, so a worker can be stopped a
     nohup nice -n 19 python benchmarks/forgetting.py work > runs/forgetting/worker2.log 2>&1 &   # a second, low priority
     python benchmarks/forgetting.py work --plan dev          # the dev study of τ's learning rate and auto-λ
     python benchmarks/forgetting.py work --plan variants     # then the test runs of what dev favours (if any)
+    python benchmarks/forgetting.py work --plan comparison   # issue 25: O-LoRA, OSF, and the Long Sequence pair
 
 The dev plan's "grid λ" arm reads the λ grid's runs from GRID_ROOT/runs/forgetting (default: this checkout's).
 
@@ -96,9 +97,10 @@ class Run:
         return os.path.join(RUNS, self.name)
 
     def n_tasks(self) -> int:
-        return 4  # orders 1-3 of Standard CL
+        return 15 if self.order in LONG_SEQUENCE_ORDERS else 4  # Long Sequence: orders 4-6; Standard CL: 1-3
 
 
+LONG_SEQUENCE_ORDERS = ("order4", "order5", "order6")
 TAU_LR_MULTIPLIERS = ("1", "10", "100")
 SEEDS_DEV = (42, 43)
 
@@ -191,12 +193,71 @@ def variant_plan(runs_dir: str | None = None) -> list[Run] | None:
     return runs
 
 
+# The comparison of issue 25 (docs/RESULTS.md, "Against O-LoRA and PEFT's OSF"): the methods' own grids, on dev.
+OLORA_LAMBDA1_GRID = ("0.05", "0.5", "5")
+OLORA_LAMBDA1_DEFAULT = "0.5"  # O-LoRA's scripts/order_1.sh (with λ2 = 0)
+OSF_GRID = [(lr, fraction) for lr in ("1e-5", "1e-4") for fraction in ("0.5", "0.9")]
+
+
+def comparison_plan() -> list[Run]:
+    """The comparison's runs, in the order a worker takes them."""
+    runs = [Run("repro/order1/jumplora_inclora/seed42", "order1", "jumplora_inclora", 42)]
+    for lam in OLORA_LAMBDA1_GRID:
+        runs.append(
+            Run(
+                f"dev_olora_lambda{lam}/order1/olora/seed42",
+                "order1",
+                "olora",
+                42,
+                split="dev",
+                flags=["--olora_lambda1", lam, "--olora_lambda2", "0"],
+            )
+        )
+    for lr, fraction in OSF_GRID:
+        runs.append(
+            Run(
+                f"dev_osf_lr{lr}_f{fraction}/order1/osf/seed42",
+                "order1",
+                "osf",
+                42,
+                split="dev",
+                flags=["--learning_rate", lr, "--osf_max_preserved_fraction", fraction],
+            )
+        )
+    for seed in SEEDS_MAIN:
+        for method in ("olora", "jumplora_olora", "osf"):
+            runs.append(Run(f"test/order1/{method}/seed{seed}", "order1", method, seed, flags=["<best>"]))
+    for seed in SEEDS_3:
+        for method in ("inclora", "jumplora_inclora"):
+            runs.append(Run(f"test/order4/{method}/seed{seed}", "order4", method, seed))
+    return runs
+
+
+def _best_dev_flags(method: str) -> list[str] | None:
+    """The flags of the dev grid's best run for `method` (by dev OA, ties as the protocol says); None until the
+    grid has finished."""
+    runs = [r for r in comparison_plan() if r.split == "dev" and r.method == ("osf" if method == "osf" else "olora")]
+    if not all(is_finished(r) for r in runs):
+        return None
+    if method == "osf":  # ties: the smaller lr, then the smaller fraction
+        key = lambda r: (_report(r)["overall_accuracy"], -float(r.flags[1]), -float(r.flags[3]))  # noqa: E731
+    else:  # ties: O-LoRA's value, then the smaller λ1
+        key = lambda r: (  # noqa: E731
+            _report(r)["overall_accuracy"],
+            r.flags[1] == OLORA_LAMBDA1_DEFAULT,
+            -float(r.flags[1]),
+        )
+    return max(runs, key=key).flags
+
+
 def plan(name: str = "main") -> list[Run]:
     """All runs, in the order a worker takes them (the main comparison first, paired by seed)."""
     if name == "dev":
         return dev_plan()
     if name == "variants":
         return variant_plan() or []
+    if name == "comparison":
+        return comparison_plan()
     runs = []
     for seed in SEEDS_MAIN:
         for method in ("inclora", "jumplora_inclora"):
@@ -244,9 +305,18 @@ def best_lambda() -> str | None:
 
 
 def command(run: Run) -> list[str] | None:
-    """The recipe's command line for `run`; None while it waits for the λ grid."""
+    """The recipe's command line for `run`; None while it waits (for a dev grid, or for its method to exist)."""
+    from jumplora_hf.methods import METHODS
+
+    if run.method not in METHODS:
+        return None
+    extra = run.flags
+    if extra == ["<best>"]:
+        extra = _best_dev_flags(run.method)
+        if extra is None:
+            return None
     flags = [*COMMON, "--order", run.order, "--eval_split", run.split, "--seed", str(run.seed), "--method", run.method]
-    flags += ["--output_dir", run.output_dir, *run.flags]
+    flags += ["--output_dir", run.output_dir, *extra]
     if run.single_task:
         flags += ["--single_task_baselines", "true"]
     else:
@@ -345,7 +415,7 @@ def list_runs(plan_name: str = "main") -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["list", "work"])
-    parser.add_argument("--plan", choices=["main", "dev", "variants"], default="main")
+    parser.add_argument("--plan", choices=["main", "dev", "variants", "comparison"], default="main")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     work(args.plan) if args.action == "work" else list_runs(args.plan)
