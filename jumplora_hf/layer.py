@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from ._compat import BufferDict, LoraLinear, LoraVariant, called_from_add_weighted_adapter
+from ._compat import BufferDict, LoraLinear, LoraVariant, called_from_add_weighted_adapter, is_zero3_param
 from .config import register_jumplora_layer
 from .entries import EntryPartition, read_weight_entries, weight_partition, write_weight_entries
 from .gate import fused_jump_linear, hard_threshold_, jump_interpolated_delta, symmetric_jump_relu
@@ -87,10 +87,11 @@ class JumpLoraLinearVariant(LoraVariant):
         if gamma <= 0.0:  # before S_start: exactly plain LoRA, and no d_out×d_in product
             out = result + lora_B(lora_A(x)) * scaling
             log_tau = module.lora_log_tau[active_adapter]
-            if module.training and log_tau.requires_grad and torch.is_grad_enabled():
-                # τ takes no part yet, but gets an explicit zero gradient: DeepSpeed ZeRO-3 would otherwise step τ
-                # with the stale gradient of the last step that had one (the previous task's), every step until
-                # S_start, so an uninterrupted run drifted from a resumed one (whose engine starts with zeros)
+            if module.training and log_tau.requires_grad and is_zero3_param(log_tau) and torch.is_grad_enabled():
+                # τ takes no part yet. Elsewhere it gets no gradient (Adam on τ starts at S_start), but DeepSpeed
+                # ZeRO-3 steps every partition and would use τ's stale gradient of the last step that had one (the
+                # previous task's), every step until S_start: an uninterrupted run then drifted from a resumed one
+                # (whose engine starts with zeros). An explicit zero gradient makes both the same.
                 out = _TieToOutput.apply(out, log_tau)
             return out
         log_tau, eps = module.log_tau(active_adapter), module.jump_bandwidth[active_adapter]
