@@ -42,6 +42,7 @@ __all__ = [
     "loss_is_scaled_for_ga",
     "prepare_inputs",
     "register_custom_lora_layer",
+    "start_training_at_step",
     "zero3_clear_secondary_partition",
     "zero3_data_is_resident",
     "zero3_is_quantized",
@@ -110,6 +111,15 @@ def gradient_accumulation_steps(trainer) -> int:
 def generation_kwargs(trainer) -> dict:
     """The generation kwargs Seq2SeqTrainer.evaluate/predict stored for `prediction_step`."""
     return dict(getattr(trainer, "_gen_kwargs", {}) or {})
+
+
+def start_training_at_step(trainer, step: int) -> None:
+    """Make a `train()` that has just begun (its `on_train_begin`) count from optimizer step `step`, as a run resumed
+    from a checkpoint at that step would: the state's step and the Trainer's counters for the logged loss average
+    (`_globalstep_last_logged`) and the throughput (`_initial_global_step`), set in `_inner_training_loop`."""
+    trainer.state.global_step = step
+    trainer._globalstep_last_logged = step
+    trainer._initial_global_step = step
 
 
 def prepare_inputs(trainer, inputs: dict) -> dict:

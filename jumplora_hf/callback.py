@@ -120,11 +120,24 @@ class JumpLoRATrainerCallback(TrainerCallback):
     def _exclude_tau_from_decay(self, args, model, optimizer) -> None:
         if optimizer is None or not args.weight_decay:
             return
+        taus = {id(p) for p in tau_parameters(model)}
+        if all(
+            g.get("weight_decay", 0.0) == 0.0
+            for g in _innermost(optimizer).param_groups
+            if taus & {id(p) for p in g["params"]}
+        ):
+            return  # attach_jumplora kept τ out of decay when the optimizer was built: a resumed state fits it
         if getattr(args, "deepspeed", None):
             raise ValueError(
                 f"weight_decay={args.weight_decay} would also decay log τ, and under DeepSpeed the callback cannot take "
                 "it out of the engine's parameter groups: set weight_decay=0, or use ContinualSeq2SeqTrainer, which "
                 "builds the optimizer with τ in its own group"
+            )
+        if _innermost(optimizer).state:
+            raise RuntimeError(
+                "log τ sits in a weight-decayed parameter group of an optimizer that already holds state (a resumed "
+                "run); moving it now would scramble that state. Attach the callback with "
+                "jumplora_hf.attach_jumplora(trainer), which builds the optimizer with τ out of weight decay"
             )
         separate_tau_group(optimizer, tau_parameters(model))
 
@@ -163,10 +176,26 @@ def attach_jumplora(trainer, callback: JumpLoRATrainerCallback | None = None) ->
         trainer.callback_handler.remove_callback(cb)
     trainer.callback_handler.callbacks.insert(0, callback)
     callback.attached_first = True
+    _keep_tau_out_of_weight_decay(trainer)
     check_launch(trainer.args)
     check_target_modules_of_peft_model(trainer.model, callback.adapter_name)
     tie_thresholds(trainer.model, callback.adapter_name)
     return callback
+
+
+def _keep_tau_out_of_weight_decay(trainer) -> None:
+    """Make the Trainer build its optimizer with log τ in the no-decay group (its public `get_decay_parameter_names`
+    hook): a checkpoint's optimizer state then fits the optimizer a resumed run builds, with any optimizer and any
+    weight_decay, and under DeepSpeed too. Weight decay would pull log τ to 0, i.e. τ to 1."""
+    original = trainer.get_decay_parameter_names
+    if getattr(original, "keeps_tau_undecayed", False):
+        return
+
+    def get_decay_parameter_names(model) -> list[str]:
+        return [name for name in original(model) if "lora_log_tau" not in name]
+
+    get_decay_parameter_names.keeps_tau_undecayed = True
+    trainer.get_decay_parameter_names = get_decay_parameter_names
 
 
 def finish_task(

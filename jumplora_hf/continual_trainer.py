@@ -22,7 +22,13 @@ from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from ._compat import generation_kwargs, gradient_accumulation_steps, loss_is_scaled_for_ga, prepare_inputs
+from ._compat import (
+    generation_kwargs,
+    gradient_accumulation_steps,
+    loss_is_scaled_for_ga,
+    prepare_inputs,
+    start_training_at_step,
+)
 from .callback import check_launch, separate_tau_group, tau_parameters
 from .config import JumpLoraConfig
 from .continual_config import ContinualSeq2SeqConfig
@@ -32,6 +38,7 @@ from .layer import iter_jumplora_layers
 from .lifecycle import JumpLoRASchedule, TaskSequence, dispatch
 from .methods import get_method
 from .model import get_jumplora_model, save_merged_model
+from .resume import find_resume_point
 from .sequence import TaskBatchSampler, TaskSpan, plan_task_spans, task_restarting_schedule
 from .state import ContinualRecord, RunDirectory, load_run_state, restore_run_tensors
 from .thresholds import tie_thresholds
@@ -94,6 +101,7 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
             register_adapted_weights_as_external(self.model)
         check_launch(self.args)
         self.task_spans: list[TaskSpan] = []
+        self._first_step = 0
         self.task_sequence: TaskSequence | None = None
         self.record: ContinualRecord | None = None
 
@@ -123,43 +131,61 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
 
     # ----------------------------------------------------------------- the task sequence
     def train_continual(
-        self, tasks: Sequence[ContinualTask], single_task_accuracies: Sequence[float] | None = None
+        self,
+        tasks: Sequence[ContinualTask],
+        single_task_accuracies: Sequence[float] | None = None,
+        resume_from_checkpoint: bool | str | None = None,
     ) -> dict:
         """Run `tasks` in order; returns (and writes to `output_dir/continual_metrics.json`) the report.
 
-        The unfinished tasks are trained in one `train()` call: task k owns a contiguous range of optimizer steps
+        The tasks are trained in one `train()` call: task k owns a contiguous range of the sequence's optimizer steps
         (`sequence.plan_task_spans`), so one optimizer, one LR scheduler object and one engine (DDP or DeepSpeed)
-        serve the whole sequence. A run dir that holds finished tasks of the same method and order is resumed.
+        serve the whole sequence, and the Trainer's checkpoints are numbered over it. A run dir of this run is
+        resumed (resume.py): from the latest Trainer checkpoint after its last finished task (None or True: found in
+        `output_dir`; a path: that one; False: none), else from the first unfinished task's start. A run dir of a run
+        with other settings is refused, naming them.
         """
         encoded = self._validate_and_encode(tasks, single_task_accuracies)
         names = [t.name for t in encoded]
-        saved = load_run_state(self.args.output_dir, self.args.method, names)  # every process; the main one reads
+        run = self.run_fingerprint(encoded)
+        saved = load_run_state(self.args.output_dir, self.args.method, names, run)  # every process; the main one reads
         record = saved.record if saved else ContinualRecord(self.args.method, names, self.args.single_task_baselines)
         record.single_task_accuracies = list(single_task_accuracies) if single_task_accuracies is not None else None
         record.metric_names = [t.metric_name for t in encoded]
-        if saved:
-            logger.info(
-                "resuming %s after %d finished task(s): %s", self.args.output_dir, len(record.tasks), record.tasks
-            )
         self.record = record
         finished = len(record.tasks)
-        remaining = encoded[finished:]
         # single-task baselines train every task from the base model: a resumed one restores no merged weights
         restore_weights = not self.args.single_task_baselines
         publisher = self._hub_publisher()
         if publisher is not None:
             publisher.retry_pending(finished)  # pushes a stopped run staged but did not upload, in task order
-        if not remaining:
-            if saved:
-                restore_run_tensors(self.model, saved, weights=restore_weights)
+        spans = plan_task_spans(
+            [len(t.train) for t in encoded],
+            0,
+            self.args.per_device_train_batch_size,
+            self.args.world_size,
+            self.args.gradient_accumulation_steps,
+            self.args.num_train_epochs,
+            self.args.max_steps,
+            names=names,
+        )
+        if finished == len(encoded):
+            self._say_resumed(saved, spans, None)
+            restore_run_tensors(self.model, saved, weights=restore_weights)
             if publisher is not None:
                 publisher.wait()
             return record.report()
+        boundary = spans[finished - 1].end_step if finished else 0
+        point = find_resume_point(self.args.output_dir, resume_from_checkpoint, boundary, spans[-1].end_step, run)
+        if saved or point.checkpoint:
+            self._say_resumed(saved, spans, point)
         base_weights: dict[str, torch.Tensor] = {}
 
         def start(model) -> None:
             if saved:
                 restore_run_tensors(model, saved, weights=restore_weights)
+            if point.checkpoint is None and point.step > 0:
+                start_training_at_step(self, point.step)  # the sampler leaves out the steps before it
             if self.args.single_task_baselines:  # this process's entries of the base weights
                 base_weights.update({n: layer.merged_weight().clone() for n, layer in iter_jumplora_layers(model)})
 
@@ -168,17 +194,9 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
                 layer.restore_merged_weight(base_weights[name])
                 layer.restore_w_past(None)
 
-        self.task_spans = plan_task_spans(
-            [len(t.train) for t in remaining],
-            finished,
-            self.args.per_device_train_batch_size,
-            self.args.world_size,
-            self.args.gradient_accumulation_steps,
-            self.args.num_train_epochs,
-            self.args.max_steps,
-            names=names[finished:],
-        )
-        self.train_dataset = concatenate_datasets([t.train for t in remaining])
+        self.task_spans = spans
+        self._first_step = 0 if point.checkpoint else point.step  # a checkpoint's steps are skipped by the Trainer
+        self.train_dataset = concatenate_datasets([t.train for t in encoded])
         self.optimizer, self.lr_scheduler = None, None
 
         def evaluate_row(task: TaskSpan) -> list[float | None]:
@@ -194,8 +212,10 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
             accumulate_w_past=self.args.uses_ella,
             prepare=back_to_base if self.args.single_task_baselines else None,
             start=start,
+            run=run,
+            resumed_listeners=point.listeners,
         )
-        fingerprints = {t.name: {"data_fingerprint": _fingerprint(t)} for t in encoded}
+        fingerprints = {t.name: {"data_fingerprint": run["fields"]["tasks"][t.name]["train"]} for t in encoded}
         run_dir = RunDirectory(
             self.args.output_dir,
             fingerprints,
@@ -203,6 +223,7 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
             ledger=saved.ledger if saved else (),
             run_config=self.run_config(),
             publisher=publisher,
+            run=run,
         )
         for callback in list(self.callback_handler.callbacks):
             if isinstance(callback, (TaskSequence, RunDirectory)):
@@ -210,10 +231,36 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         # first in the list: a task has begun before any other callback's on_step_begin of its first step
         self.callback_handler.callbacks.insert(0, self.task_sequence)
         self.add_callback(run_dir)
-        self.train()
+        self.train(resume_from_checkpoint=point.checkpoint)
         if publisher is not None:
             publisher.wait()  # the uploads ran beside the training; failures are logged and stay staged
         return record.report()
+
+    def _say_resumed(self, saved, spans: list[TaskSpan], point) -> None:
+        """One line on the console (main process): what a restart continues, and from where."""
+        if not self.is_world_process_zero():
+            return
+        done = len(saved.record.tasks) if saved else 0
+        head = f"resuming {self.args.output_dir}: {done} of {len(spans)} task(s) finished"
+        world = (saved.run or {}).get("world_size") if saved else None
+        if world is not None and world != self.args.world_size:
+            head += (
+                f"; it ran with {world} process(es), this run has {self.args.world_size} (the same global batch: the "
+                "result differs from an uninterrupted run by float rounding only)"
+            )
+        if point is None:
+            logger.warning("%s: nothing left to train, the report is the finished run's", head)
+            return
+        task = next(s for s in spans if s.first_step <= point.step < s.end_step or s.end_step == point.step)
+        if point.checkpoint is not None:
+            where = (
+                f"task {task.index + 1} ({task.name}) at its step {point.step - task.first_step} of {task.num_steps}"
+            )
+            logger.warning("%s; continuing %s from %s", head, where, point.checkpoint)
+        else:
+            logger.warning("%s; task %d (%s) starts from its first step", head, done + 1, spans[done].name)
+        for note in point.notes:
+            logger.warning("  %s", note)
 
     def _validate_and_encode(self, tasks, single_task_accuracies) -> list[EncodedTask]:
         return encode_tasks(tasks, self.processing_class, self.is_encoder_decoder, self.args, single_task_accuracies)
@@ -224,6 +271,30 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         from .hub import HubPublisher
 
         return HubPublisher.from_trainer(self)
+
+    def run_fingerprint(self, encoded: Sequence[EncodedTask]) -> dict:
+        """What determines the run's result (`fields`: the model, method and its options, the adapters, the
+        optimisation, the steps, the global batch, the seed, each task's data), and the world size. A restart must
+        match `fields` (state.run_differences); settings that change no result (eval batch, logging, saving) may differ."""
+        args, config = self.args, self.model.peft_config["default"]
+        base = self.model.get_base_model().config
+        model_config = {k: v for k, v in base.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        training = {key: getattr(args, key, None) for key in RESULT_FIELDS}
+        training["global_batch"] = (
+            args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        )
+        adapters = {key: getattr(config, key, None) for key in ADAPTER_FIELDS}
+        adapters["target_modules"] = sorted(config.target_modules) if config.target_modules else None
+        fields = {
+            "model": getattr(base, "_name_or_path", None),
+            "model_config_sha256": hashlib.sha256(
+                json.dumps(model_config, sort_keys=True, default=str).encode()
+            ).hexdigest(),
+            "training": training,
+            "adapters": adapters,
+            "tasks": {t.name: {"train": _fingerprint(t), "eval": _eval_fingerprint(t)} for t in encoded},
+        }
+        return {"fields": json.loads(json.dumps(fields, default=str)), "world_size": args.world_size}
 
     def run_config(self) -> dict:
         """What the run dir's run_config.json (and the model card) say about the run."""
@@ -321,6 +392,7 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
             self.args.world_size,
             self.args.gradient_accumulation_steps,
             self.args.seed,
+            start_step=self._first_step,
         )
         loader = DataLoader(
             self.train_dataset,
@@ -448,6 +520,57 @@ def encode_tasks(
     return [
         encode_task(t, tokenizer, is_encoder_decoder, args.max_source_length, args.max_target_length) for t in tasks
     ]
+
+
+# the training arguments that change a run's result (the rest, such as eval batch size or logging, may differ)
+RESULT_FIELDS = (
+    "method",
+    "learning_rate",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "weight_decay",
+    "optim",
+    "optim_args",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "seed",
+    "data_seed",
+    "max_source_length",
+    "max_target_length",
+    "ella_lambda",
+    "ella_delta_mode",
+    "ella_target_ratio",
+    "ella_auto_steps",
+    "tau_lr_multiplier",
+    "bf16",
+    "fp16",
+    "single_task_baselines",
+    "label_smoothing_factor",
+)
+ADAPTER_FIELDS = (
+    "r",
+    "lora_alpha",
+    "threshold_mode",
+    "s_start",
+    "s_final",
+    "jump_bandwidth",
+    "jump_fused",
+    "use_jumprelu",
+)
+
+
+def _eval_fingerprint(task: EncodedTask) -> str:
+    """SHA-256 of a task's tokenised evaluation prompts and answers."""
+    digest = hashlib.sha256()
+    for row, answer in zip(task.prompts, task.answers):
+        digest.update(json.dumps([row["input_ids"], answer]).encode())
+    return digest.hexdigest()
 
 
 def _fingerprint(task: EncodedTask) -> str:

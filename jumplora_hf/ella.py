@@ -114,6 +114,29 @@ class EllaRegularizer(ContinualCallback):
         self.task_lambdas[task.index] = self.lam
         record_ella_terms(model, self.mode if (self.lam > 0 or self.measuring) else None)
 
+    def task_state(self) -> dict:
+        return {
+            "lam": self.lam,
+            "measuring": self.measuring,
+            "measure_window": self._measure_window,
+            "ce_sum": float(self._ce_sum),
+            "penalty_sum": float(self._penalty_sum),
+            "logged_sum": float(self._logged_sum),
+            "logged_steps": self._logged_steps,
+            "task_lambdas": {str(k): v for k, v in self.task_lambdas.items()},
+        }
+
+    def load_task_state(self, state: dict, model=None) -> None:
+        self.lam, self.measuring, self._measure_window = state["lam"], state["measuring"], state["measure_window"]
+        # float32 sums: their exact values survive the round trip through a Python float
+        self._ce_sum = torch.tensor(state["ce_sum"], dtype=torch.float32)
+        self._penalty_sum = torch.tensor(state["penalty_sum"], dtype=torch.float32)
+        self._logged_sum = torch.tensor(state["logged_sum"], dtype=torch.float32)
+        self._logged_steps = state["logged_steps"]
+        self.task_lambdas = {int(k): v for k, v in state["task_lambdas"].items()}
+        if model is not None:
+            record_ella_terms(model, self.mode if (self.lam > 0 or self.measuring) else None)
+
     def on_task_step(self, args, state, control, task=None, step=0, **kwargs):
         if self.measuring and step >= self._measure_window:
             ce, penalty = self.reduce_mean(self._ce_sum.reshape(1)), self.reduce_mean(self._penalty_sum.reshape(1))

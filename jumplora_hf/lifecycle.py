@@ -15,20 +15,25 @@ reaches into the trainer. The layer-level operations are `JumpLoraLinear.reset_t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from transformers import TrainerCallback, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .entries import all_reduce_sum, is_main_process
+from .files import write_json_atomic
 from .gate import interpolation_gamma
 from .layer import JumpLoraLinear, iter_jumplora_layers, set_interpolation_gamma
 from .metrics import pack_support
 from .sequence import TaskSpan, reset_optimizer_state
 from .thresholds import initialize_thresholds, threshold_statistics
 from .zero import gathered_adapters, writing_adapters
+
+CHECKPOINT_STATE_FILE = "jumplora_state.json"  # in each Trainer checkpoint folder, beside trainer_state.json
 
 
 @dataclass
@@ -91,7 +96,9 @@ class ContinualCallback(TrainerCallback):
     """A `TrainerCallback` that also receives the task events. Override any of them; each gets the Trainer's
     `args, state, control` and keyword arguments: `task` (a `TaskSpan`), `model`, and per event:
 
-    - `on_task_begin`: the adapters are fresh (ΔW = 0) and the optimizer state is empty (`optimizer`);
+    - `on_task_begin`: the adapters are fresh (ΔW = 0) and the optimizer state is empty (`optimizer`); with
+      `resumed=True` instead, a restart continues the task from a checkpoint (its adapters and optimizer state
+      restored), and `load_task_state` follows with what `task_state` saved there;
     - `on_task_step`: before the forward of each optimizer step, after the gate's γ/τ of that step are set
       (`step` is the step within the task);
     - `on_task_log`: `logs`, the dict about to be logged (add scalars to it; they reach `log_history` and every
@@ -114,6 +121,14 @@ class ContinualCallback(TrainerCallback):
 
     def on_task_layer_merged(self, args, state, control, **kwargs):
         pass
+
+    def task_state(self) -> dict | None:
+        """JSON of what this listener must carry to continue the current task after a restart (saved with every
+        Trainer checkpoint); None if nothing."""
+        return None
+
+    def load_task_state(self, state: dict, model=None) -> None:
+        """Put back what `task_state` returned, after `on_task_begin(resumed=True)` of the resumed task."""
 
     def on_task_end(self, args, state, control, **kwargs):
         pass
@@ -271,8 +286,13 @@ class TaskSequence(TrainerCallback):
     Trainer logs a step after `on_step_end`, so the logs of a task's last step still describe its adapters).
 
     Its inputs are its own: the spans, the seed, what to do once the engine exists (`start`: restore a resumed run's
-    state) and at a task's start (`prepare`), how to evaluate
-    (`evaluate(task) -> row`), the record it fills and the callbacks it announces the events to.
+    state) and at a task's start (`prepare`), how to evaluate (`evaluate(task) -> row`), the record it fills and the
+    callbacks it announces the events to; for checkpoints, what identifies the run (`run`, written into every Trainer
+    checkpoint with the listeners' `task_state()`), and, when the Trainer resumes inside a task, the listeners' state
+    saved there (`resumed_listeners`).
+
+    Resumed inside a task (the Trainer restored the adapters, optimizer, scheduler and RNG of a checkpoint), the task
+    does not begin again: its listeners get `on_task_begin(resumed=True)` and then their saved `task_state`.
     """
 
     def __init__(
@@ -285,18 +305,65 @@ class TaskSequence(TrainerCallback):
         accumulate_w_past: bool,
         prepare: Callable[[torch.nn.Module], None] | None = None,
         start: Callable[[torch.nn.Module], None] | None = None,
+        run: dict | None = None,
+        resumed_listeners: dict | None = None,
     ):
         self.spans, self.seed, self.record = list(spans), seed, record
         self.evaluate, self.callbacks, self.prepare, self.start = evaluate, callbacks, prepare, start
         self.accumulate_w_past = accumulate_w_past
+        self.run, self.resumed_listeners = run, resumed_listeners
         self.current: TaskSpan | None = None
 
     def _span_at(self, step: int, attribute: str) -> TaskSpan | None:
         return next((s for s in self.spans if getattr(s, attribute) == step), None)
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.start is not None:  # the engine exists: under ZeRO-3 the weights are partitioned by now
             self.start(model)
+        for _, layer in iter_jumplora_layers(model):  # γ and τ of the adapters a checkpoint may have restored
+            for adapter in layer.lora_gate_state:
+                layer.sync_gate_mirrors(adapter)
+        inside = next((s for s in self.spans if s.first_step < state.global_step < s.end_step), None)
+        if inside is not None:
+            self.current = inside
+            callbacks = self.callbacks()
+            dispatch(
+                callbacks,
+                "on_task_begin",
+                args,
+                state,
+                control,
+                task=inside,
+                model=model,
+                optimizer=optimizer,
+                resumed=True,
+            )
+            saved = self.resumed_listeners or {}
+            for callback in callbacks:
+                if isinstance(callback, ContinualCallback) and type(callback).__name__ in saved:
+                    callback.load_task_state(saved[type(callback).__name__], model=model)
+
+    def on_save(self, args, state, control, **kwargs):
+        """Next to the Trainer's checkpoint: what identifies the run and the listeners' state inside the task."""
+        if not is_main_process():
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not os.path.isdir(folder):
+            return
+        listeners = {}
+        for callback in self.callbacks():
+            if isinstance(callback, ContinualCallback) and callback.task_state() is not None:
+                listeners[type(callback).__name__] = callback.task_state()
+        write_json_atomic(
+            os.path.join(folder, CHECKPOINT_STATE_FILE),
+            {
+                "format": 1,
+                "global_step": state.global_step,
+                "task": self.current.index if self.current is not None else None,
+                "run": self.run,
+                "listeners": listeners,
+            },
+        )
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         ending = self._span_at(state.global_step, "end_step")

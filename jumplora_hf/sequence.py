@@ -67,7 +67,8 @@ class TaskBatchSampler(Sampler[list[int]]):
     goes to process b mod num_processes), so with N processes of batch size B a step sees the same
     examples as one process of batch size N·B. Each task draws a fresh permutation per epoch from a
     generator seeded by (seed, task index, epoch): the data order of a task does not depend on the
-    tasks before it, nor on whether the run was resumed.
+    tasks before it, nor on whether the run was resumed. With `start_step`, the batches of the optimizer steps
+    before it are left out (a run restarted at a task boundary).
     """
 
     def __init__(
@@ -77,15 +78,17 @@ class TaskBatchSampler(Sampler[list[int]]):
         num_processes: int,
         gradient_accumulation_steps: int,
         seed: int,
+        start_step: int = 0,
     ):
         # no `batch_size` attribute: accelerate then deals our batches out whole instead of re-batching them
         self.spans = list(spans)
         self.per_device_batch_size = per_device_batch_size
         self.batches_per_step = num_processes * gradient_accumulation_steps
         self.seed = seed
+        self.start_step = start_step  # the batches of the steps before it are left out (a run resumed there)
 
     def __len__(self) -> int:
-        return sum(span.num_steps for span in self.spans) * self.batches_per_step
+        return max(0, self.spans[-1].end_step - self.start_step) * self.batches_per_step if self.spans else 0
 
     def _task_batches(self, span: TaskSpan) -> Iterator[list[int]]:
         """The task's batches (local indices), epoch after epoch; an epoch's last batch may be smaller."""
@@ -101,8 +104,11 @@ class TaskBatchSampler(Sampler[list[int]]):
         offset = 0
         for span in self.spans:
             batches = self._task_batches(span)
-            for _ in range(span.num_steps * self.batches_per_step):
-                yield [offset + i for i in next(batches)]
+            for step in range(span.first_step, span.end_step):
+                for _ in range(self.batches_per_step):
+                    batch = next(batches)  # drawn even when skipped: a task's order depends on nothing else
+                    if step >= self.start_step:
+                        yield [offset + i for i in batch]
             offset += span.num_examples
 
 

@@ -154,7 +154,13 @@ def _gathered_support(packed: np.ndarray, partition) -> torch.Tensor | None:
     return None if whole is None else torch.from_numpy(np.packbits(whole.reshape(-1).numpy()))
 
 
-def write_state(output_dir: str, record: ContinualRecord, model: torch.nn.Module, ledger: Sequence[dict]) -> None:
+def write_state(
+    output_dir: str,
+    record: ContinualRecord,
+    model: torch.nn.Module,
+    ledger: Sequence[dict],
+    run: dict | None = None,
+) -> None:
     """The resume state after `len(record.tasks)` tasks: the tensor file first, then the JSON that names it (the
     commit point). Every process must call it (ZeRO-3 layers are gathered one at a time); the main process writes."""
     count = len(record.tasks)
@@ -207,6 +213,7 @@ def write_state(output_dir: str, record: ContinualRecord, model: torch.nn.Module
             "notes": {str(k): v for k, v in record.notes.items()},
             "tensors": {"file": tensor_file, "sha256": sha256_file(os.path.join(output_dir, tensor_file))},
             "ledger": sorted(ledger, key=lambda e: e["index"]),
+            "run": run,  # what determines the result, and the world size: a restart is checked against it
         },
     )
     for old in glob.glob(os.path.join(output_dir, "continual_state-*.safetensors")):
@@ -223,9 +230,38 @@ class SavedRun:
     ledger: list[dict]
     tensor_path: str
     manifest: dict[str, list]
+    run: dict | None = None  # the fingerprint of the run that wrote it (None: jumplora_hf 0.2 did not record it)
 
 
-def _read_run_state(output_dir: str, method: str, sequence: Sequence[str]) -> dict | None:
+def run_differences(saved: dict | None, run: dict | None) -> list[str]:
+    """The settings that determine the result and differ between a saved run and this one, as 'name: saved → now'.
+
+    Tasks compare by their data, for the tasks both runs have (a sequence may grow: the task order itself is checked
+    against the finished tasks)."""
+    if not saved or not run:
+        return []
+    before, now = _flatten(saved.get("fields", {})), _flatten(run.get("fields", {}))
+    differences = []
+    for key in sorted(set(before) | set(now)):
+        if key.startswith("tasks.") and (key not in before or key not in now):
+            continue
+        if before.get(key) != now.get(key):
+            differences.append(f"{key}: {before.get(key)!r} → {now.get(key)!r}")
+    return differences
+
+
+def _flatten(fields: dict, prefix: str = "") -> dict:
+    """{"training": {"seed": 1}} → {"training.seed": 1}, for the groups of a run fingerprint."""
+    flat = {}
+    for key, value in fields.items():
+        if isinstance(value, dict) and (key in ("training", "adapters", "tasks") or prefix.startswith("tasks.")):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _read_run_state(output_dir: str, method: str, sequence: Sequence[str], run: dict | None = None) -> dict | None:
     """The main process's reading of the run dir: the state's JSON and the tensor file's manifest, checked."""
     if os.path.exists(os.path.join(output_dir, LEGACY_STATE_FILE)) and not os.path.exists(
         os.path.join(output_dir, STATE_FILE)
@@ -249,6 +285,14 @@ def _read_run_state(output_dir: str, method: str, sequence: Sequence[str]) -> di
             f"{path} holds a {saved['method']} run of tasks {done}, which does not start this run ({method}: "
             f"{list(sequence)}); choose another output_dir, or remove {STATE_FILE} to start over"
         )
+    differences = run_differences(saved.get("run"), run)
+    if differences:
+        raise ValueError(
+            f"{path} holds a run with other settings, so continuing it would give neither run's result: "
+            + "; ".join(differences)
+            + f". Restart with the settings it was started with, or choose another output_dir (or remove {STATE_FILE} "
+            "to start over there)"
+        )
     tensor_path = os.path.join(output_dir, saved["tensors"]["file"])
     if not os.path.exists(tensor_path) or sha256_file(tensor_path) != saved["tensors"]["sha256"]:
         raise ValueError(
@@ -260,15 +304,16 @@ def _read_run_state(output_dir: str, method: str, sequence: Sequence[str]) -> di
     return {"state": saved, "manifest": manifest}
 
 
-def load_run_state(output_dir: str, method: str, sequence: Sequence[str]) -> SavedRun | None:
-    """The resume state of `output_dir`, checked against this run (method, task order); None if there is none.
+def load_run_state(output_dir: str, method: str, sequence: Sequence[str], run: dict | None = None) -> SavedRun | None:
+    """The resume state of `output_dir`, checked against this run (method, task order, and with `run` every setting
+    that determines the result: see `run_differences`); None if there is none.
 
     Every process must call it: the main process reads the run dir and sends the result (or its refusal) to the
     others, so the other nodes need no copy of the run dir."""
     reading = None
     if is_main_process():
         try:
-            reading = {"ok": _read_run_state(output_dir, method, sequence)}
+            reading = {"ok": _read_run_state(output_dir, method, sequence, run)}
         except ValueError as error:
             reading = {"error": str(error)}
     reading = broadcast_json(reading)
@@ -293,7 +338,7 @@ def load_run_state(output_dir: str, method: str, sequence: Sequence[str]) -> Sav
     for index in range(len(done)):
         record.updates.append(MergedTaskUpdate(numels=dict(saved["numels"]), taus=dict(taus[index])))
     tensor_path = os.path.join(output_dir, saved["tensors"]["file"])
-    return SavedRun(record, saved.get("ledger", []), tensor_path, manifest)
+    return SavedRun(record, saved.get("ledger", []), tensor_path, manifest, saved.get("run"))
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -363,8 +408,10 @@ class RunDirectory(ContinualCallback):
         ledger: Sequence[dict] = (),
         run_config: dict | None = None,
         publisher=None,
+        run: dict | None = None,
     ):
         self.output_dir = output_dir
+        self.run = run
         self.task_metadata = task_metadata or {}
         self.write_ledger = write_ledger
         self.ledger_files = list(ledger)
@@ -400,9 +447,8 @@ class RunDirectory(ContinualCallback):
                     {"index": task.index, "file": os.path.relpath(path, self.output_dir), "sha256": sha256_file(path)}
                 )
         self._ledger = None
-        write_state(
-            self.output_dir, record, model, self.ledger_files
-        )  # every process: layers gathered to the main one
+        # every process: the layers are gathered to the main one
+        write_state(self.output_dir, record, model, self.ledger_files, self.run)
         if is_main_process():
             write_json_atomic(os.path.join(self.output_dir, METRICS_FILE), record.report())
         self._pending = None

@@ -16,7 +16,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep instead of spinning
 
 import argparse
-import os
+import sys
 
 import torch
 from transformers import ByT5Tokenizer, PrinterCallback, T5Config, T5ForConditionalGeneration, set_seed
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
         ella_lambda=lambdas if METHODS[args.method].ella else None,
         learning_rate=3e-3,
         lr_scheduler_type="constant",
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=max(1, 8 // int(os.environ.get("WORLD_SIZE", "1"))),  # a global batch of 8
         per_device_eval_batch_size=64,
         num_train_epochs=1,
         logging_steps=50,
@@ -88,9 +88,14 @@ def main(argv=None) -> dict:
     progress = TaskProgress(args.tasks, display_name(args.method))
     trainer = ContinualSeq2SeqTrainer(model, config, ByT5Tokenizer(), peft_config=adapters, callbacks=[progress])
     trainer.remove_callback(PrinterCallback)  # one line per task instead of every log
-    report = trainer.train_continual(
-        keyword_task_stream(args.tasks, args.train_examples, args.eval_examples, filler=(0, 0))
-    )
+    try:
+        report = trainer.train_continual(
+            keyword_task_stream(args.tasks, args.train_examples, args.eval_examples, filler=(0, 0))
+        )
+    except ValueError as error:  # a run dir of another run: refused before anything is written
+        if trainer.is_world_process_zero():
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
     if not trainer.is_world_process_zero():
         return report

@@ -23,8 +23,20 @@ from jumplora_hf import (  # noqa: E402
     ContinualSeq2SeqTrainer,
     JumpLoraConfig,
     iter_jumplora_layers,
+    state,  # noqa: E402
 )
 from jumplora_hf.zero import gathered_adapters  # noqa: E402
+
+
+class FirstStep(ContinualCallback):
+    """The optimizer step this process trained first (a restart: where it continued)."""
+
+    def __init__(self):
+        self.step = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.step is None:
+            self.step = state.global_step
 
 
 class TaskStartProbe(ContinualCallback):
@@ -41,20 +53,62 @@ class TaskStartProbe(ContinualCallback):
         self.optimizer_states.append(len(innermost_optimizer(optimizer).state))
 
 
-class PauseAt(ContinualCallback):
-    """Stops every process at step `step` of task `task` (0-based): each writes `paused-rank<R>` into `folder` and
-    sleeps, so that a test can kill the whole job at a known point (after the earlier tasks were committed)."""
+def pause(folder: str, state) -> None:
+    """Write `paused-rank<R>` (this process's pid and the optimizer step) into `folder` and sleep: the test kills the
+    whole job (kill -9) at this point."""
+    rank = int(os.environ.get("RANK", 0))
+    with open(os.path.join(folder, f"paused-rank{rank}.tmp"), "w") as f:
+        json.dump({"pid": os.getpid(), "step": state.global_step}, f)
+    os.replace(os.path.join(folder, f"paused-rank{rank}.tmp"), os.path.join(folder, f"paused-rank{rank}"))
+    while True:
+        time.sleep(60)
 
-    def __init__(self, task: int, step: int, folder: str):
-        self.task, self.step, self.folder = task, step, folder
+
+class PauseAt(ContinualCallback):
+    """Stops the job at a point of task `task` (0-based), for a kill test:
+
+    - "step:S": before step S of the task (every process);
+    - "checkpoint:G": right after the Trainer checkpoint of optimizer step G is written (every process);
+    - "merge": inside the task's merge, after its first layer (the main process; the others wait in the merge);
+    - "state": between the task's ledger file and its run state (every process);
+    - "evaluation": in the evaluation after the task's merge (every process).
+    """
+
+    def __init__(self, task: int, point: str, folder: str, state_module):
+        self.task, self.point, self.folder = task, point, folder
+        self.merged = False
+        self.state = None
+        if point == "state":  # the run state is written by state.write_state, right after the ledger file
+            original = state_module.write_state
+
+            def write_state(output_dir, record, *args, **kwargs):
+                if len(record.tasks) == self.task + 1:
+                    pause(self.folder, self.state)
+                return original(output_dir, record, *args, **kwargs)
+
+            state_module.write_state = write_state
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.state = state
 
     def on_task_step(self, args, state, control, task=None, step=0, **kwargs):
-        if task.index == self.task and step == self.step:
-            rank = int(os.environ.get("RANK", 0))
-            with open(os.path.join(self.folder, f"paused-rank{rank}"), "w") as f:
-                f.write(str(os.getpid()))
-            while True:
-                time.sleep(60)
+        if self.point == f"step:{step}" and task.index == self.task:
+            pause(self.folder, state)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.point == f"checkpoint:{state.global_step}":
+            pause(self.folder, state)
+
+    def on_task_layer_merged(self, args, state, control, task=None, **kwargs):
+        if self.point == "merge" and task.index == self.task:
+            pause(self.folder, state)
+
+    def on_task_end(self, args, state, control, task=None, **kwargs):
+        self.merged = task.index == self.task
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self.point == "evaluation" and self.merged:
+            pause(self.folder, state)
 
 
 def innermost_optimizer(optimizer):
@@ -88,7 +142,8 @@ def main():
     )
     parser.add_argument("--tau_lr_multiplier", type=float, default=1.0)
     parser.add_argument("--steps_per_task", type=int, default=4, help="optimizer steps per task (8 examples each)")
-    parser.add_argument("--pause", default=None, help="TASK,STEP,FOLDER: stop there (PauseAt) for a kill test")
+    parser.add_argument("--pause", default=None, help="TASK,POINT,FOLDER: stop there (PauseAt) for a kill test")
+    parser.add_argument("--save_steps", type=int, default=0, help="a Trainer checkpoint every this many steps")
     parser.add_argument(
         "--from_pretrained",
         default=None,
@@ -123,12 +178,19 @@ def main():
         deepspeed=deepspeed_config(cli.zero_stage) if cli.zero_stage else None,
         tau_lr_multiplier=cli.tau_lr_multiplier,
         bf16=os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16",  # launched with --mixed_precision bf16
+        save_strategy="steps" if cli.save_steps else "no",
+        save_steps=cli.save_steps or 500,
     )
-    probe, survivors = TaskStartProbe(), SurvivorProbe()
-    callbacks = [probe, survivors]
+    probe, survivors, first = TaskStartProbe(), SurvivorProbe(), FirstStep()
+    callbacks = [probe, survivors, first]
     if cli.pause:
-        task, step, folder = cli.pause.split(",", 2)
-        callbacks.append(PauseAt(int(task), int(step), folder))
+        task, point, folder = cli.pause.split(",", 2)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"pid-rank{os.environ.get('RANK', 0)}"), "w") as f:
+            f.write(str(os.getpid()))
+        callbacks.append(
+            PauseAt(int(task), point if ":" in point or not point.isdigit() else f"step:{point}", folder, state)
+        )
     config = JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], threshold_mode=cli.threshold_mode)
     if cli.from_pretrained:
         model = T5ForConditionalGeneration.from_pretrained(cli.from_pretrained)
@@ -175,6 +237,7 @@ def main():
             "learning_rate": trainer.args.learning_rate,
             "survivors_at_s_start": survivors.counts,
             "built_partitioned": built_partitioned,
+            "first_step": first.step,
         }
         with open(os.path.join(cli.out, "result.json"), "w") as f:
             json.dump(result, f)

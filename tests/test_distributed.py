@@ -320,3 +320,95 @@ def test_the_state_each_process_holds_falls_as_one_over_the_processes(tmp_path):
         for r in ranks:
             assert r["state_bytes"] <= single["state_bytes"] / processes + 4 * 4 * 8  # 8 layers × ≤ 3 padded entries
             assert r["support_bytes"] <= single["support_bytes"] / processes + 2 * 8 * 2  # packing rounds up a byte
+
+
+# ----------------------------------------------------------------------------- preemption: kill -9 at every point
+FAULT_ARGS = ["--method", "jumplora_ella", "--optim", "adamw_torch", "--steps_per_task", "10", "--save_steps", "4"]
+FAULT_POINTS = ["checkpoint:12", "step:7", "merge", "state", "evaluation"]  # of task 2 (optimizer steps 10-19)
+FAULT_CASES = [("single", p) for p in FAULT_POINTS] + [("zero3", p) for p in FAULT_POINTS]
+FAULT_CASES += [("ddp", "step:7"), ("zero2", "step:7")]
+
+
+def _fault_command(backend: str) -> list[str]:
+    if backend == "single":
+        return [sys.executable]
+    return launch_command(BACKENDS[backend], 2)
+
+
+def _fault_run(out, backend, extensions_dir, pause=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(extensions_dir)}
+    command = [*_fault_command(backend), RUNNER, str(out), *FAULT_ARGS]
+    if pause is None:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return json.loads((out / "result.json").read_text())
+    marks = f"{out}-pause"
+    job = subprocess.Popen(
+        [*command, "--pause", f"1,{pause},{marks}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 600
+    while not os.path.exists(os.path.join(marks, "paused-rank0")):
+        assert time.monotonic() < deadline and job.poll() is None, f"the run did not reach {pause}"
+        time.sleep(0.2)
+    paused = json.loads(open(os.path.join(marks, "paused-rank0")).read())
+    for name in os.listdir(marks):  # every worker (own sessions under accelerate), then the launcher
+        if name.startswith("pid-rank"):
+            try:
+                os.kill(int(open(os.path.join(marks, name)).read()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=60)
+    return paused
+
+
+@pytest.fixture(scope="module")
+def fault_references(tmp_path_factory, extensions_dir):
+    cache = {}
+
+    def reference(backend):
+        if backend not in cache:
+            out = tmp_path_factory.mktemp(f"uninterrupted_{backend}")
+            cache[backend] = _fault_run(out, backend, extensions_dir)
+            cache[backend]["weights"] = load_file(out / "weights.safetensors")
+        return cache[backend]
+
+    return reference
+
+
+@pytest.mark.parametrize(("backend", "point"), FAULT_CASES)
+def test_a_kill_anywhere_costs_at_most_one_checkpoint_and_the_result_is_unchanged(
+    tmp_path, extensions_dir, fault_references, backend, point
+):
+    # 3 tasks of 10 Adam steps, a Trainer checkpoint every 4 steps (numbered over the sequence: 4, 8, 12, ...); the
+    # job is killed (kill -9, every process) at `point` of task 2, then launched again with the same command
+    reference = fault_references(backend)
+    out = tmp_path / "run"
+    paused = _fault_run(out, backend, extensions_dir, pause=point)
+    state = json.loads((out / "continual_state.json").read_text())
+    assert state["tasks"] == ["task0"]  # task 2 was not committed
+    if point == "state":  # its ledger file was written, the state that would list it was not
+        from jumplora_hf import TaskLedger
+
+        assert (out / "ledger" / "task-02-task1.safetensors").exists()
+        with pytest.warns(UserWarning, match="task-02-task1.safetensors.*ignored"):
+            assert [e.name for e in TaskLedger(str(out)).entries()] == ["task0"]
+    resumed = _fault_run(out, backend, extensions_dir)
+    redone = paused["step"] - resumed["first_step"]
+    assert 0 <= redone <= 4  # at most save_steps steps are trained again
+    assert resumed["report"]["accuracy_matrix"] == reference["report"]["accuracy_matrix"]
+    weights = load_file(out / "weights.safetensors")
+    for name, weight in reference["weights"].items():
+        assert torch.equal(weights[name], weight), name
+    assert [e["index"] for e in json.loads((out / "continual_state.json").read_text())["ledger"]] == [0, 1, 2]
+    table = os.environ.get("JUMPLORA_FAULT_TABLE")
+    if table:
+        with open(table, "a") as f:
+            f.write(
+                json.dumps({"backend": backend, "point": point, "killed_at": paused["step"], "redone": redone}) + "\n"
+            )

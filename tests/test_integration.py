@@ -186,6 +186,26 @@ def test_resume_mid_ramp_equals_an_uninterrupted_run(tmp_path, kind):
         assert torch.equal(layer.lora_gate_state["default"], reference.lora_gate_state["default"])
 
 
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"])
+def test_resume_with_weight_decay_and_every_optimizer_equals_an_uninterrupted_run(tmp_path, optim):
+    # most scripts set weight_decay; attach_jumplora builds the optimizer with log τ out of decay from the start, so
+    # the checkpoint's optimizer state fits the optimizer of the resumed run (before: "loaded state dict contains a
+    # parameter group that doesn't match the size of optimizer's group")
+    settings = dict(optim=optim, weight_decay=0.01)
+    full = _make("trainer", tmp_path / "full", **settings)
+    full.train()
+    part = _make("trainer", tmp_path / "part", save_strategy="steps", save_steps=5, **settings)
+    part.add_callback(_Interrupt(at_step=5))
+    part.train()
+    resumed = _make("trainer", tmp_path / "part", save_strategy="steps", save_steps=5, **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-5"))
+    expected = _lora_state(full.model)
+    for name, value in _lora_state(resumed.model).items():
+        assert torch.equal(value, expected[name]), name
+    taus = {id(layer.lora_log_tau["default"]) for _, layer in iter_jumplora_layers(resumed.model)}
+    assert all(g["weight_decay"] == 0 for g in resumed.optimizer.param_groups if taus & {id(p) for p in g["params"]})
+
+
 def test_task_after_task_with_a_fresh_optimizer(tmp_path):
     trainer = _make("trainer", tmp_path, optim="adamw_torch", weight_decay=1.0)
     trainer.train()

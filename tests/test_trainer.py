@@ -1,5 +1,6 @@
 """The task sequence inside one Trainer: every method on a tiny T5 and a tiny Llama."""
 
+import dataclasses
 import json
 
 import pytest
@@ -206,7 +207,9 @@ def test_restart_continues_from_the_last_finished_task(tmp_path):
 
     resumed = _trainer(tmp_path / "part", "t5", "jumplora_ella", ella_lambda=[50.0])  # a fresh model
     report = resumed.train_continual(task_stream(3))
-    assert [span.index for span in resumed.task_spans] == [2]  # only the unfinished task is trained
+    trained = {h["task"] for h in resumed.state.log_history if "task" in h}
+    assert trained == {2}  # only the unfinished task is trained, with its own step numbers (8..11 of the sequence)
+    assert [h["step"] for h in resumed.state.log_history if "task" in h] == [9, 10, 11, 12]
     assert report["accuracy_matrix"] == full_report["accuracy_matrix"]
     assert [t["sparsity"] for t in report["per_task"]] == [t["sparsity"] for t in full_report["per_task"]]
     expected = dict(full.model.named_parameters())
@@ -261,3 +264,100 @@ def test_a_damaged_state_is_refused(tmp_path):
     tensors.write_bytes(tensors.read_bytes()[:-8] + b"garbage!")
     with pytest.raises(ValueError, match="does not match continual_state.json"):
         _trainer(tmp_path, "t5", "inclora").train_continual(task_stream(3))
+
+
+def test_restart_with_other_settings_is_refused_naming_them(tmp_path):
+    _trainer(tmp_path, "t5", "inclora").train_continual(task_stream(2))
+    out = tmp_path / "out"
+    before = {name: (out / name).read_bytes() for name in ("continual_state.json", "run_config.json")}
+    other = ContinualSeq2SeqTrainer(
+        TINY_MODELS["t5"](),
+        _args(tmp_path, "inclora", learning_rate=5e-3),
+        tokenizer(),
+        peft_config=JumpLoraConfig(r=8, lora_alpha=8, target_modules=TARGETS["t5"]),
+    )
+    with pytest.raises(
+        ValueError, match=r"other settings.*adapters\.r: 4 → 8.*training\.learning_rate: 0\.01 → 0\.005"
+    ):
+        other.train_continual(task_stream(3))
+    assert {name: (out / name).read_bytes() for name in before} == before  # nothing written
+    changed = task_stream(2)
+    changed[1] = dataclasses.replace(changed[1], train_dataset=list(changed[1].train_dataset)[:-1])
+    with pytest.raises(ValueError, match=r"tasks\.task1\.train"):
+        _trainer(tmp_path, "t5", "inclora").train_continual(changed)  # the same names, other data
+    # what does not change the result may differ: the eval batch size, logging
+    _trainer(tmp_path, "t5", "inclora", per_device_eval_batch_size=3, logging_steps=2).train_continual(task_stream(2))
+
+
+class _FirstStep(TrainerCallback):
+    def __init__(self):
+        self.step = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step if self.step is None else self.step
+
+
+def _interrupted(tmp_path, at_step, **overrides):
+    """A run stopped at `at_step` (the job died there): an exception out of the Trainer's loop."""
+
+    class Crash(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == at_step:
+                raise KeyboardInterrupt
+
+    trainer = _trainer(tmp_path, "t5", "jumplora_ella", callbacks=[Crash()], ella_lambda=["auto"], **overrides)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_continual(task_stream(3))
+
+
+def test_a_restart_continues_inside_a_task_from_the_latest_checkpoint(tmp_path, caplog):
+    settings = dict(save_strategy="steps", save_steps=3, ella_lambda=["auto"])
+    full = _trainer(tmp_path / "full", "t5", "jumplora_ella", **settings)
+    full_report = full.train_continual(task_stream(3))
+    _interrupted(tmp_path / "part", 7, save_strategy="steps", save_steps=3)  # task 2 (steps 4-7), after checkpoint-6
+    names = sorted(p.name for p in (tmp_path / "part" / "out").glob("checkpoint-*"))
+    assert names == ["checkpoint-3", "checkpoint-6"]  # numbered over the whole sequence: no name is reused
+    first = _FirstStep()
+    resumed = _trainer(tmp_path / "part", "t5", "jumplora_ella", callbacks=[first], **settings)
+    with caplog.at_level("WARNING"):
+        report = resumed.train_continual(task_stream(3))
+    assert "1 of 3 task(s) finished; continuing task 2 (task1) at its step 2 of 4 from" in caplog.text
+    assert first.step == 6  # killed before step 7, checkpoint-6: one step redone, not the whole task
+    assert report["accuracy_matrix"] == full_report["accuracy_matrix"]
+    assert [t["ella_lambda"] for t in report["per_task"]] == [t["ella_lambda"] for t in full_report["per_task"]]
+    expected = dict(full.model.named_parameters())
+    for name, param in resumed.model.named_parameters():
+        assert torch.equal(param, expected[name]), name  # bit-identical: merged weights and the last adapters
+    assert sorted(p.name for p in (tmp_path / "part" / "out").glob("checkpoint-*")) == sorted(
+        p.name for p in (tmp_path / "full" / "out").glob("checkpoint-*")
+    )
+
+
+def test_resume_from_checkpoint_argument(tmp_path):
+    with pytest.raises(ValueError, match="holds no checkpoint or finished task"):
+        _trainer(tmp_path / "empty", "t5", "jumplora_ella", ella_lambda=["auto"]).train_continual(
+            task_stream(3), resume_from_checkpoint=True
+        )
+    _interrupted(tmp_path, 7, save_strategy="steps", save_steps=3)
+    older = str(tmp_path / "out" / "checkpoint-3")  # inside task 1, which the run state has finished since
+    with pytest.raises(ValueError, match="not between the last finished task's end"):
+        _trainer(tmp_path, "t5", "jumplora_ella", ella_lambda=["auto"]).train_continual(
+            task_stream(3), resume_from_checkpoint=older
+        )
+    first = _FirstStep()
+    trainer = _trainer(tmp_path, "t5", "jumplora_ella", callbacks=[first], ella_lambda=["auto"])
+    trainer.train_continual(task_stream(3), resume_from_checkpoint=False)  # the run state only: task 2 from its start
+    assert first.step == 4
+
+
+def test_single_task_baselines_start_every_task_from_the_base_even_when_resumed(tmp_path):
+    full = _trainer(tmp_path / "full", "t5", "jumplora_inclora", single_task_baselines=True)
+    expected = full.train_continual(task_stream(3))
+    part = _trainer(tmp_path / "part", "t5", "jumplora_inclora", single_task_baselines=True)
+    part.train_continual(task_stream(3)[:2])
+    resumed = _trainer(tmp_path / "part", "t5", "jumplora_inclora", single_task_baselines=True)
+    report = resumed.train_continual(task_stream(3))
+    assert report["single_task_accuracies"] == expected["single_task_accuracies"]
+    reference = dict(full.model.named_parameters())
+    for name, param in resumed.model.named_parameters():
+        assert torch.equal(param, reference[name]), name  # before: base + task 2 under task 3, not the base

@@ -173,7 +173,10 @@ def run(recipe: RecipeArguments, adapters, training) -> dict:
         trainer = ContinualSeq2SeqTrainer(
             model, training, tokenizer, peft_config=peft_config, callbacks=[log_history_file()]
         )
-    report = trainer.train_continual(tasks, single_task_accuracies=a0)
+    # --resume_from_checkpoint PATH continues from that checkpoint; without it the run dir's latest one is used
+    report = trainer.train_continual(
+        tasks, single_task_accuracies=a0, resume_from_checkpoint=training.resume_from_checkpoint
+    )
     if not training.single_task_baselines:
         if recipe.save_merged:
             trainer.save_merged_model(os.path.join(training.output_dir, "merged"))
