@@ -196,6 +196,7 @@ def variant_plan(runs_dir: str | None = None) -> list[Run] | None:
 # The comparison of issue 25 (docs/RESULTS.md, "Against O-LoRA and PEFT's OSF"): the methods' own grids, on dev.
 OLORA_LAMBDA1_GRID = ("0.05", "0.5", "5")
 OLORA_LAMBDA1_DEFAULT = "0.5"  # O-LoRA's scripts/order_1.sh (with λ2 = 0)
+COMPARISON_ELLA_LAMBDA = "3e6"  # the forgetting experiment's dev-grid choice, kept
 OSF_GRID = [(lr, fraction) for lr in ("1e-5", "1e-4") for fraction in ("0.5", "0.9")]
 
 
@@ -224,9 +225,19 @@ def comparison_plan() -> list[Run]:
                 flags=["--learning_rate", lr, "--osf_max_preserved_fraction", fraction],
             )
         )
+    # the reproduction check failed (docs/RESULTS.md, amendment 2): the finished Standard CL runs are trained again
     for seed in SEEDS_MAIN:
         for method in ("olora", "jumplora_olora", "osf"):
             runs.append(Run(f"test/order1/{method}/seed{seed}", "order1", method, seed, flags=["<best>"]))
+        for method in ("inclora", "jumplora_inclora"):
+            runs.append(Run(f"test/order1/{method}/seed{seed}", "order1", method, seed))
+        if seed in SEEDS_3:
+            for method in ("ella", "jumplora_ella"):
+                runs.append(
+                    Run(f"test/order1/{method}/seed{seed}", "order1", method, seed, ella_lambda=COMPARISON_ELLA_LAMBDA)
+                )
+    for seed in SEEDS_3:
+        runs.append(Run(f"test/order1/single_task/seed{seed}", "order1", "inclora", seed, single_task=True))
     for seed in SEEDS_3:
         for method in ("inclora", "jumplora_inclora"):
             runs.append(Run(f"test/order4/{method}/seed{seed}", "order4", method, seed))
