@@ -58,6 +58,16 @@ class ContinualSeq2SeqConfig(Seq2SeqTrainingArguments):
             )
         },
     )
+    olora_lambda1: float = field(
+        default=0.5,
+        metadata={
+            "help": "O-LoRA methods: weight of the orthogonality loss Σ|A_past·A_tᵀ| (O-LoRA's scripts: 0.5 on Standard CL)."
+        },
+    )
+    olora_lambda2: float = field(
+        default=0.0,
+        metadata={"help": "O-LoRA methods: weight of the L2 term ‖A_t‖₂ + ‖B_t‖₂ (O-LoRA's scripts: 0)."},
+    )
     max_source_length: int = field(
         default=512, metadata={"help": "Prompt length in tokens; only the input text is truncated."}
     )
@@ -93,7 +103,13 @@ class ContinualSeq2SeqConfig(Seq2SeqTrainingArguments):
     )
     predict_with_generate: bool = field(default=True, metadata={"help": "Evaluation generates answers (required)."})
     save_strategy: str = field(
-        default="no", metadata={"help": "Mid-task checkpoints; the task sequence writes its own state."}
+        default="steps",
+        metadata={
+            "help": (
+                "Trainer checkpoints every save_steps optimizer steps of the sequence, which a restart continues from "
+                "(at most save_steps steps redone); 'no': a restart starts the first unfinished task again."
+            )
+        },
     )
 
     def __post_init__(self):
@@ -109,6 +125,10 @@ class ContinualSeq2SeqConfig(Seq2SeqTrainingArguments):
             )
         if not self.tau_lr_multiplier > 0:
             raise ValueError(f"tau_lr_multiplier must be > 0, got {self.tau_lr_multiplier}")
+        if self.olora_lambda1 < 0 or self.olora_lambda2 < 0:
+            raise ValueError(
+                f"olora_lambda1 and olora_lambda2 must be ≥ 0, got {self.olora_lambda1}, {self.olora_lambda2}"
+            )
         if not self.ella_target_ratio > 0:
             raise ValueError(f"ella_target_ratio must be > 0, got {self.ella_target_ratio}")
         if not self.predict_with_generate:
@@ -121,6 +141,10 @@ class ContinualSeq2SeqConfig(Seq2SeqTrainingArguments):
     @property
     def uses_ella(self) -> bool:
         return get_method(self.method).ella
+
+    @property
+    def uses_olora(self) -> bool:
+        return get_method(self.method).olora
 
     @property
     def auto_ella_lambda(self) -> bool:

@@ -38,6 +38,7 @@ from .layer import iter_jumplora_layers
 from .lifecycle import JumpLoRASchedule, TaskSequence, dispatch
 from .methods import get_method
 from .model import get_jumplora_model, save_merged_model
+from .olora import OLoRARegularizer
 from .resume import find_resume_point
 from .sequence import TaskBatchSampler, TaskSpan, plan_task_spans, task_restarting_schedule
 from .state import ContinualRecord, RunDirectory, load_run_state, restore_run_tensors
@@ -88,7 +89,10 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
                 args.ella_auto_steps,
                 reduce_mean=lambda t: self.accelerator.reduce(t.to(self.args.device), "mean").cpu(),
             )
-        listeners = ([JumpLoRASchedule()] if method.jump_gate else []) + ([self.ella] if self.ella else [])
+        self.olora = OLoRARegularizer(args.olora_lambda1, args.olora_lambda2) if method.olora else None
+        # the listeners whose terms join the loss (`loss_term`), and the γ/τ schedule
+        self.regularizers = [r for r in (self.ella, self.olora) if r is not None]
+        listeners = ([JumpLoRASchedule()] if method.jump_gate else []) + self.regularizers
         kwargs["callbacks"] = [*listeners, *(kwargs.get("callbacks") or [])]
         self.hub_api = hub_api
         super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
@@ -193,6 +197,7 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
             for name, layer in iter_jumplora_layers(model):
                 layer.restore_merged_weight(base_weights[name])
                 layer.restore_w_past(None)
+                layer.olora_past_A = None
 
         self.task_spans = spans
         self._first_step = 0 if point.checkpoint else point.step  # a checkpoint's steps are skipped by the Trainer
@@ -437,15 +442,16 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs
         )
-        if self.ella is None or not model.training:
+        if not self.regularizers or not model.training:
             return result
         loss = result[0] if return_outputs else result
-        term = self.ella.loss_term(
-            self.model, loss, gradient_accumulation_steps(self), loss_is_scaled_for_ga(self, num_items_in_batch)
-        )
-        if term is None:
-            return result
-        return (loss + term, result[1]) if return_outputs else loss + term
+        total = loss
+        for regularizer in self.regularizers:
+            term = regularizer.loss_term(
+                self.model, loss, gradient_accumulation_steps(self), loss_is_scaled_for_ga(self, num_items_in_batch)
+            )
+            total = total if term is None else total + term
+        return (total, result[1]) if return_outputs else total
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         task = self.task_sequence.current if self.task_sequence is not None else None
@@ -548,6 +554,8 @@ RESULT_FIELDS = (
     "ella_target_ratio",
     "ella_auto_steps",
     "tau_lr_multiplier",
+    "olora_lambda1",
+    "olora_lambda2",
     "bf16",
     "fp16",
     "single_task_baselines",

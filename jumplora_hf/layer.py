@@ -134,7 +134,13 @@ class JumpLoraLinear(LoraLinear):
             # gathered; the trainer collects the terms after the model's forward (ella.pop_ella_penalty).
             self.ella_delta_mode: str | None = None
             self.ella_term: torch.Tensor | None = None
+            # O-LoRA: the A matrices of the earlier tasks (r rows each, float32), and while training with
+            # `olora_recording` each forward records (Σ|A_past·Aᵀ|, ‖A‖₂ + ‖B‖₂) of this layer (olora.py)
+            self.register_buffer("olora_past_A", None, persistent=False)
+            self.olora_recording = False
+            self.olora_terms: tuple[torch.Tensor, torch.Tensor] | None = None
             self.register_forward_hook(_record_ella_term)
+            self.register_forward_hook(_record_olora_terms)
             self.register_load_state_dict_post_hook(_sync_after_load)
         super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
 
@@ -404,6 +410,20 @@ def _record_ella_term(layer: JumpLoraLinear, args, output):
             # number of parts: the engine averages the gradients over the processes, which then sum the parts.
             layer.ella_term = layer.ella_squared_norm(adapter, layer.ella_delta_mode) * layer.jump_partition.world
             return _TieToOutput.apply(output, layer.ella_term)
+    return None
+
+
+def _record_olora_terms(layer: JumpLoraLinear, args, output):
+    if layer.training and layer.olora_recording:
+        adapter = layer.active_adapters[0]
+        if adapter in layer.lora_A:
+            a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            orthogonal = (
+                torch.mm(layer.olora_past_A, a.float().t()).abs().sum()
+                if layer.olora_past_A is not None
+                else a.new_zeros((), dtype=torch.float32)
+            )
+            layer.olora_terms = (orthogonal, torch.linalg.norm(a.float()) + torch.linalg.norm(b.float()))
     return None
 
 

@@ -360,6 +360,7 @@ class TaskSequence(TrainerCallback):
                 "format": 1,
                 "global_step": state.global_step,
                 "task": self.current.index if self.current is not None else None,
+                "total_steps": self.spans[-1].end_step if self.spans else 0,
                 "run": self.run,
                 "listeners": listeners,
             },

@@ -11,6 +11,7 @@ class Method:
     display_name: str  # how the README, the reports and the plots name it
     jump_gate: bool  # the JumpReLU gate on the adapters' update
     ella: bool  # the ELLA regulariser against the earlier tasks' updates
+    olora: bool = False  # O-LoRA's orthogonality of each task's A to the earlier tasks' A
 
 
 METHODS: dict[str, Method] = {
@@ -20,6 +21,8 @@ METHODS: dict[str, Method] = {
         Method("ella", "ELLA", jump_gate=False, ella=True),
         Method("jumplora_inclora", "JumpLoRA + IncLoRA", jump_gate=True, ella=False),
         Method("jumplora_ella", "JumpLoRA + ELLA", jump_gate=True, ella=True),
+        Method("olora", "O-LoRA", jump_gate=False, ella=False, olora=True),
+        Method("jumplora_olora", "JumpLoRA + O-LoRA", jump_gate=True, ella=False, olora=True),
     )
 }
 

@@ -66,6 +66,9 @@ def _check_checkpoint(path: str, boundary: int, total: int, run: dict) -> tuple[
         return (
             f"{path} (step {step}) is not between the last finished task's end (step {boundary}) and the end ({total})"
         )
+    if saved.get("total_steps") not in (None, total) and step >= saved["total_steps"]:
+        # written at the end of a shorter sequence: its LR schedule state is that sequence's, not this one's
+        return f"{path} ends a shorter sequence of {saved['total_steps']} steps (this one has {total})"
     differences = run_differences(saved.get("run"), run)
     if differences:
         return f"{path} was written by a run with other settings: " + "; ".join(differences)

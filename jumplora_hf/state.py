@@ -139,6 +139,8 @@ def _state_specs(model: torch.nn.Module, record: ContinualRecord) -> list[tuple[
         specs.append((f"weight/{name}", layer.merged_weight().dtype, shape))
         if layer.ella_w_past is not None:
             specs.append((f"w_past/{name}", torch.float32, shape))
+        if layer.olora_past_A is not None:  # whole on every process (r rows per task)
+            specs.append((f"olora_A/{name}", torch.float32, tuple(layer.olora_past_A.shape)))
     for index, update in enumerate(record.updates):
         for name, numel in update.numels.items():
             specs.append((f"support/{index}/{name}", torch.uint8, (_support_bytes(numel),)))
@@ -186,6 +188,8 @@ def write_state(
         put(f"weight/{name}", gather_entries_to_main(layer.merged_weight(), partition))
         if layer.ella_w_past is not None:
             put(f"w_past/{name}", gather_entries_to_main(layer.ella_w_past, partition))
+        if layer.olora_past_A is not None:
+            put(f"olora_A/{name}", layer.olora_past_A.detach().cpu() if is_main_process() else None)
     for index, update in enumerate(record.updates):
         for name, packed in update.supports.items():
             put(f"support/{index}/{name}", _gathered_support(packed, layers[name].entry_partition()))
@@ -369,6 +373,9 @@ def restore_run_tensors(model: torch.nn.Module, saved: SavedRun, weights: bool =
             layer.restore_merged_weight(partition.local(receive(f"weight/{name}")))
             past = f"w_past/{name}"
             layer.restore_w_past(partition.local(receive(past)) if past in saved.manifest else None)
+            olora = f"olora_A/{name}"
+            device = layer.lora_A[next(iter(layer.lora_A))].weight.device if layer.lora_A else None
+            layer.olora_past_A = receive(olora).to(device) if olora in saved.manifest else None
         wholes = []
         for update in updates:
             packed = receive(f"support/{len(wholes)}/{name}").numpy()

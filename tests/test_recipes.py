@@ -216,7 +216,7 @@ def test_a_typo_in_one_target_is_refused_before_anything_is_written(tiny_setup, 
     "args,message",
     [
         (["--no_such_flag", "1"], "--no_such_flag"),
-        (["--method", "olora"], "olora"),
+        (["--method", "ewc"], "ewc"),
         (["--jumplora_s_start", "0.9", "--jumplora_s_final", "0.5"], "s_start"),
         (["--ella_lambda", "big", "--method", "ella"], "numbers or 'auto'"),
     ],

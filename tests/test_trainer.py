@@ -181,7 +181,8 @@ def test_lambda_list_must_match_the_tasks(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"method": "olora"}, "unknown method 'olora'"),
+        ({"method": "ewc"}, "unknown method 'ewc'"),
+        ({"method": "olora", "olora_lambda1": -1.0}, "must be ≥ 0"),
         ({"method": "ella", "ella_lambda": None}, "needs ella_lambda"),
         ({"method": "ella", "ella_lambda": [-1.0]}, "non-negative"),
         ({"ella_delta_mode": "dense"}, "unknown ella_delta_mode"),
@@ -205,11 +206,13 @@ def test_restart_continues_from_the_last_finished_task(tmp_path):
     interrupted.train_continual(task_stream(3)[:2])  # as if the session ended after task 2
     assert (tmp_path / "part" / "out" / "continual_state.json").exists()
 
-    resumed = _trainer(tmp_path / "part", "t5", "jumplora_ella", ella_lambda=[50.0])  # a fresh model
+    first = _FirstStep()
+    resumed = _trainer(
+        tmp_path / "part", "t5", "jumplora_ella", callbacks=[first], ella_lambda=[50.0]
+    )  # a fresh model
     report = resumed.train_continual(task_stream(3))
-    trained = {h["task"] for h in resumed.state.log_history if "task" in h}
-    assert trained == {2}  # only the unfinished task is trained, with its own step numbers (8..11 of the sequence)
-    assert [h["step"] for h in resumed.state.log_history if "task" in h] == [9, 10, 11, 12]
+    assert first.step == 8  # only the unfinished task is trained, with its own step numbers (8..11 of the sequence)
+    assert [h["step"] for h in resumed.state.log_history if h.get("task") == 2] == [9, 10, 11, 12]
     assert report["accuracy_matrix"] == full_report["accuracy_matrix"]
     assert [t["sparsity"] for t in report["per_task"]] == [t["sparsity"] for t in full_report["per_task"]]
     expected = dict(full.model.named_parameters())
@@ -361,3 +364,41 @@ def test_single_task_baselines_start_every_task_from_the_base_even_when_resumed(
     reference = dict(full.model.named_parameters())
     for name, param in resumed.model.named_parameters():
         assert torch.equal(param, reference[name]), name  # before: base + task 2 under task 3, not the base
+
+
+def test_olora_keeps_the_earlier_tasks_subspaces_and_adds_their_orthogonality_to_the_loss(tmp_path):
+    trainer = _trainer(tmp_path, "t5", "jumplora_olora", olora_lambda1=0.5, olora_lambda2=0.1)
+    trainer.train_continual(task_stream(2))
+    layers = list(iter_jumplora_layers(trainer.model))
+    assert all(layer.olora_past_A.shape == (2 * 4, layer.in_features) for _, layer in layers)  # r rows per task
+    # the loss term of one forward, against the formula computed by hand
+    from jumplora_hf.olora import OLoRARegularizer, pop_olora_terms, record_olora_terms
+
+    model = trainer.model
+    model.train()
+    record_olora_terms(model, True)
+    ids = torch.tensor([[5, 6, 7, 1]])
+    model(input_ids=ids, labels=ids)
+    orthogonal, l2 = pop_olora_terms(model)
+    expected_orthogonal = sum(
+        (layer.olora_past_A @ layer.lora_A["default"].weight.float().t()).abs().sum() for _, layer in layers
+    )
+    expected_l2 = sum(
+        torch.linalg.norm(layer.lora_A["default"].weight) + torch.linalg.norm(layer.lora_B["default"].weight)
+        for _, layer in layers
+    )
+    assert torch.allclose(orthogonal, expected_orthogonal) and torch.allclose(l2, expected_l2)
+    assert isinstance(trainer.olora, OLoRARegularizer) and trainer.olora in trainer.regularizers
+    logs = [h for h in trainer.state.log_history if "loss_olora" in h]
+    assert logs and all(h["loss_olora"] >= 0 for h in logs)
+
+
+def test_olora_restart_restores_the_earlier_subspaces(tmp_path):
+    full = _trainer(tmp_path / "full", "t5", "olora")
+    full.train_continual(task_stream(3))
+    _trainer(tmp_path / "part", "t5", "olora").train_continual(task_stream(3)[:2])
+    resumed = _trainer(tmp_path / "part", "t5", "olora")
+    resumed.train_continual(task_stream(3))
+    for (name, layer), (_, reference) in zip(iter_jumplora_layers(resumed.model), iter_jumplora_layers(full.model)):
+        assert torch.equal(layer.olora_past_A, reference.olora_past_A), name
+        assert torch.equal(layer.get_base_layer().weight, reference.get_base_layer().weight), name
