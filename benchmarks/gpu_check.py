@@ -93,7 +93,7 @@ def check_sequence(out: str, reference: dict | None) -> dict:
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from tiny import tiny_t5
 
-    from jumplora_hf import TaskLedger
+    from jumplora_hf.ledger import TaskLedger
 
     result = json.load(open(os.path.join(out, "result.json")))
     weights = load_file(os.path.join(out, "weights.safetensors"))

@@ -36,9 +36,10 @@ def main(argv=None) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jumplora_hf import TaskLedger, encode_task
     from jumplora_hf.bench.generation import evaluate_tasks
     from jumplora_hf.bench.synthetic import standard_like_stream
+    from jumplora_hf.data import encode_task
+    from jumplora_hf.ledger import TaskLedger
     from jumplora_hf.methods import display_name
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)

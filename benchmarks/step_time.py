@@ -112,7 +112,8 @@ def wrap(base: torch.nn.Module, variant: str, kind: str, r: int, alpha: int, dev
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
     if variant != "lora":
-        from jumplora_hf import initialize_thresholds, set_interpolation_gamma
+        from jumplora_hf.layer import set_interpolation_gamma
+        from jumplora_hf.thresholds import initialize_thresholds
 
         initialize_thresholds(model)
         set_interpolation_gamma(model, 0.5)

@@ -29,6 +29,7 @@ TESTED_RANGES = {
 
 __all__ = [
     "BufferDict",
+    "add_peft_type",
     "LoraLinear",
     "LoraVariant",
     "TESTED_RANGES",
@@ -79,6 +80,23 @@ def check_versions() -> list[str]:
 def register_custom_lora_layer(config, mapping: dict[type, type]) -> None:
     """LoraConfig._register_custom_module: PEFT then injects `mapping[type(target)]` for matching targets."""
     config._register_custom_module(mapping)
+
+
+def add_peft_type(name: str):
+    """The member `name` of PEFT's `PeftType` enum, added if missing: `register_peft_method` only takes names the enum
+    has, and an Enum's members are fixed at its creation (so this writes Enum's own tables, as its metaclass does)."""
+    from peft.utils.peft_types import PeftType
+
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_, member._value_ = name, name
+    member.__objclass__ = PeftType
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    type.__setattr__(PeftType, name, member)
+    return member
 
 
 def called_from_add_weighted_adapter() -> bool:

@@ -23,10 +23,34 @@ class JumpLoraArguments:
         default=None,
         metadata={
             "help": (
-                "jumplora_inclora (the gate on) or inclora (plain LoRA, merged per task). Unset: the gate is on, or "
-                "ContinualSeq2SeqTrainer's --method decides. The ELLA methods need ContinualSeq2SeqTrainer."
+                "For a Trainer script: jumplora_inclora (the gate on), inclora (plain LoRA, merged per task), "
+                "jumplora_ella or ella (with --jumplora_ella_lambda). Unset: jumplora_inclora. The recipes and "
+                "ContinualTrainer take --method instead."
             ),
-            "choices": sorted(METHODS),
+            "choices": sorted(m for m in METHODS if not METHODS[m].olora),
+        },
+    )
+    jumplora_ella_lambda: list[str] | None = field(
+        default=None,
+        metadata={"help": "λ of the ELLA term for the ella methods: one value, one per task, or 'auto'."},
+    )
+    jumplora_ella_delta_mode: str = field(
+        default="sparse",
+        metadata={
+            "help": "ΔW_x in the ELLA term: sparse (ΔW_jump) or interpolated.",
+            "choices": ["sparse", "interpolated"],
+        },
+    )
+    jumplora_ella_target_ratio: float = field(
+        default=1.0, metadata={"help": "With --jumplora_ella_lambda auto: the term's size relative to the loss."}
+    )
+    jumplora_previous_task: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "The previous task's merged model folder (with jumplora_continual.safetensors): where the task index "
+                "and ELLA's W_past continue from. Default: the folder the model was loaded from, if it has one."
+            )
         },
     )
     jumplora_r: int = field(default=8, metadata={"help": "LoRA rank r."})
@@ -55,11 +79,17 @@ class JumpLoraArguments:
 
     def __post_init__(self):
         if self.jumplora_method is not None:
-            get_method(self.jumplora_method)
+            method = get_method(self.jumplora_method)
+            if method.ella and not self.jumplora_ella_lambda:
+                raise ValueError(
+                    f"--jumplora_method {self.jumplora_method} needs --jumplora_ella_lambda (e.g. 3e4, or auto)"
+                )
+            if not method.ella and self.jumplora_ella_lambda:
+                raise ValueError(f"--jumplora_ella_lambda is for the ella methods, not {self.jumplora_method}")
 
     def to_peft_config(self, **overrides):
         """The `JumpLoraConfig` of these flags (validated); `overrides` set any other LoraConfig field."""
-        from .model import JumpLoraConfig  # here, so that parsing flags imports neither torch nor peft
+        from .adapters import JumpLoraConfig  # here, so that parsing flags imports neither torch nor peft
 
         gate = None if self.jumplora_method is None else get_method(self.jumplora_method).jump_gate
         return JumpLoraConfig(

@@ -8,21 +8,25 @@ from dataclasses import dataclass, field
 
 from peft import LoraConfig
 
-from ._compat import register_custom_lora_layer
+from ._compat import add_peft_type, register_custom_lora_layer
 from .files import read_json, write_json_atomic
 from .groups import THRESHOLD_MODES
 
 # The layer class for each base layer type; layer.py registers JumpLoraLinear for nn.Linear when it is imported
 # (importing any public name from the package loads it first), so this module never imports the layer.
 _LAYERS: dict[type, type] = {}
-# In adapter_config.json, where a JumpLoRA adapter keeps its targets. Its `target_modules` is a pattern that matches
-# no module, so that plain `PeftModel.from_pretrained` fails with this message instead of silently loading the
-# dense LoRA update (its layers would ignore τ); `JumpLoraConfig.from_pretrained` restores the targets.
+# jumplora_hf 0.2 saved a JumpLoRA adapter as peft_type LORA with its targets under this key and a `target_modules`
+# pattern that matches no module (so plain PEFT failed instead of ignoring τ). Such adapters still load
+# (`load_jumplora_adapter`), and `python -m jumplora_hf.adapters convert DIR` rewrites them as JUMPLORA adapters.
 SAVED_TARGETS_KEY = "jumplora_target_modules"
-# modules_to_save would give plain PEFT something to wrap, and its "no modules were targeted" error would then lose
-# the hint: it is kept under its own key too
 SAVED_MODULES_TO_SAVE_KEY = "jumplora_modules_to_save"
-PLAIN_PEFT_SENTINEL = "(?#This is a JumpLoRA adapter - load it with jumplora_hf.load_jumplora_adapter)(?!)"
+PEFT_TYPE = add_peft_type("JUMPLORA")
+
+
+def _peft_knows_jumplora() -> bool:
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    return PEFT_TYPE in PEFT_TYPE_TO_TUNER_MAPPING
 
 
 def register_jumplora_layer(base_type: type, layer_type: type) -> None:
@@ -33,9 +37,10 @@ def register_jumplora_layer(base_type: type, layer_type: type) -> None:
 class JumpLoraConfig(LoraConfig):
     """Configuration of JumpLoRA adapters (arXiv 2604.16171) on top of PEFT's LoRA.
 
-    It is a `LoraConfig` (same `r`, `lora_alpha`, `target_modules`, ... and the same `get_peft_model` /
-    `save_pretrained` flow); every targeted `nn.Linear` becomes a `JumpLoraLinear`. Reload a saved adapter with
-    `jumplora_hf.load_jumplora_adapter` (plain `PeftModel.from_pretrained` refuses a JumpLoRA adapter).
+    It is a `LoraConfig` (same `r`, `lora_alpha`, `target_modules`, ...) of its own PEFT type, "JUMPLORA" (model.py):
+    after `import jumplora_hf`, `get_peft_model`, `save_pretrained`, `PeftModel.from_pretrained` and the
+    `AutoPeftModel*` classes handle it; every targeted `nn.Linear` becomes a `JumpLoraLinear`. With
+    `use_jumprelu=False` (IncLoRA, ELLA, O-LoRA) the adapter is saved as plain LoRA, which any PEFT loads.
     """
 
     use_jumprelu: bool | None = field(
@@ -43,7 +48,7 @@ class JumpLoraConfig(LoraConfig):
         metadata={
             "help": (
                 "Gate ΔW = B·A with the symmetric JumpReLU (JumpLoRA). False gives plain LoRA with the same layer (the "
-                "IncLoRA and ELLA baselines). Unset, the continual method decides (ContinualSeq2SeqTrainer's `method`), "
+                "IncLoRA and ELLA baselines). Unset, the continual method decides (ContinualTrainer's `method`), "
                 "and a model built from the config alone gets the gate; a value that conflicts with the method is refused."
             ),
             "is_lora_variant": True,
@@ -123,6 +128,12 @@ class JumpLoraConfig(LoraConfig):
                 "jumplora_hf.layer), not from jumplora_hf.config alone"
             )
         register_custom_lora_layer(self, {base: layer for base, layer in _LAYERS.items()})
+        self.peft_type = PEFT_TYPE
+        if not _peft_knows_jumplora():
+            raise ImportError(
+                "JumpLoRA is not registered with PEFT: import JumpLoraConfig from jumplora_hf (which loads "
+                "jumplora_hf.model), not from jumplora_hf.config alone"
+            )
 
     def with_gate(self, use_jumprelu: bool, method: str) -> JumpLoraConfig:
         """This config with the gate the continual `method` needs; refuses one that set the gate otherwise."""
@@ -140,8 +151,8 @@ class JumpLoraConfig(LoraConfig):
 
     @classmethod
     def from_peft_type(cls, **kwargs):
-        # PEFT would build a plain LoraConfig from `peft_type: LORA`; keep our class, restore the saved targets,
-        # and drop keys that a newer or older version wrote but this one does not know.
+        # keep our class for a JUMPLORA config, and for a LORA one of jumplora_hf 0.2 restore the saved targets; drop
+        # keys that a newer or older version wrote but this one does not know
         kwargs.pop("peft_type", None)
         if SAVED_TARGETS_KEY in kwargs:
             kwargs["target_modules"] = kwargs.pop(SAVED_TARGETS_KEY)
@@ -152,12 +163,10 @@ class JumpLoraConfig(LoraConfig):
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         super().save_pretrained(save_directory, **kwargs)
-        if not self.use_jumprelu:
-            return  # a plain LoRA adapter (IncLoRA, ELLA): plain PEFT loads it correctly
+        if self.use_jumprelu:
+            return
+        # a plain LoRA adapter (IncLoRA, ELLA, O-LoRA): saved as PEFT's LORA, which loads it without jumplora_hf
         path = os.path.join(save_directory, "adapter_config.json")
         saved = read_json(path)
-        saved[SAVED_TARGETS_KEY] = saved["target_modules"]
-        saved["target_modules"] = PLAIN_PEFT_SENTINEL
-        if saved.get("modules_to_save"):
-            saved[SAVED_MODULES_TO_SAVE_KEY], saved["modules_to_save"] = saved["modules_to_save"], None
+        saved["peft_type"] = "LORA"
         write_json_atomic(path, saved, indent=2)

@@ -1,4 +1,4 @@
-"""`ContinualSeq2SeqConfig`: the training arguments of a continual run (trl's `x_config.py` beside `x_trainer.py`)."""
+"""`ContinualConfig`: the training arguments of a continual run (trl's `x_config.py` beside `x_trainer.py`)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 
 from transformers import Seq2SeqTrainingArguments
 
+from ._deprecation import moved
 from .ella import ELLA_DELTA_MODES
 from .methods import METHODS, get_method
 
 
 @dataclass
-class ContinualSeq2SeqConfig(Seq2SeqTrainingArguments):
+class ContinualConfig(Seq2SeqTrainingArguments):
     """Training arguments of a continual run; the usual `Seq2SeqTrainingArguments` apply to every task.
 
     `max_steps` and `num_train_epochs` are per task. The Hub flags of the Trainer publish the run: `push_to_hub`
@@ -165,3 +166,7 @@ def _parse_lambdas(value) -> list[float] | str | None:
     if any(v < 0 for v in floats):
         raise ValueError(f"ella_lambda must be non-negative, got {floats}")
     return floats
+
+
+# the 0.2 names of what moved in 0.3
+__getattr__ = moved(__name__, {"ContinualSeq2SeqConfig": ("continual_config", "ContinualConfig")})

@@ -1,4 +1,4 @@
-"""`ContinualSeq2SeqTrainer`: a whole task sequence with one Trainer, one optimizer and one engine (Algorithm 1).
+"""`ContinualTrainer`: a whole task sequence with one Trainer, one optimizer and one engine (Algorithm 1).
 
 The trainer finds the task boundaries (`TaskSequence`, lifecycle.py) and otherwise only overrides public Trainer
 hooks: the per-task batches and LR schedule, the sequence's step count, the ELLA term of the loss, the optimizer's
@@ -29,26 +29,31 @@ from ._compat import (
     prepare_inputs,
     start_training_at_step,
 )
-from .callback import check_launch, separate_tau_group, tau_parameters
+from ._deprecation import moved
+from .adapters import get_jumplora_model, save_merged_model
+from .callback import dispatch
 from .config import JumpLoraConfig
-from .continual_config import ContinualSeq2SeqConfig
+from .continual_config import ContinualConfig
 from .data import ContinualDataCollator, ContinualTask, EncodedTask, encode_task
 from .ella import EllaRegularizer
 from .layer import iter_jumplora_layers
-from .lifecycle import JumpLoRASchedule, TaskSequence, dispatch
 from .methods import get_method
-from .model import get_jumplora_model, save_merged_model
-from .olora import OLoRARegularizer
+from .olora import OLoraRegularizer
+from .record import ContinualRecord
 from .resume import find_resume_point
-from .sequence import TaskBatchSampler, TaskSpan, plan_task_spans, task_restarting_schedule
-from .state import ContinualRecord, RunDirectory, load_run_state, restore_run_tensors
+from .run_directory import RunDirectory
+from .schedule import JumpLoraSchedule
+from .sequence import TaskSequence
+from .state import load_run_state, restore_run_tensors
+from .steps import TaskBatchSampler, TaskSpan, plan_task_spans, task_restarting_schedule
 from .thresholds import tie_thresholds
+from .trainer_callback import check_launch, separate_tau_group, tau_parameters
 from .zero import register_adapted_weights_as_external
 
 logger = logging.getLogger(__name__)
 
 
-class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
+class ContinualTrainer(Seq2SeqTrainer):
     """Trains a sequence of tasks with one Trainer, one Accelerator and one set of adapters (Algorithm 1).
 
     `train_continual(tasks)` trains the unfinished tasks in one `train()` call. Per task: fresh adapters and an
@@ -60,14 +65,14 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
     def __init__(
         self,
         model,
-        args: ContinualSeq2SeqConfig,
+        args: ContinualConfig,
         processing_class,
         peft_config: JumpLoraConfig | None = None,
         hub_api=None,
         **kwargs,
     ):
-        if not isinstance(args, ContinualSeq2SeqConfig):
-            raise TypeError("args must be a ContinualSeq2SeqConfig")
+        if not isinstance(args, ContinualConfig):
+            raise TypeError("args must be a ContinualConfig")
         if processing_class is None:
             raise ValueError("pass the tokenizer as processing_class: tasks are tokenised and decoded with it")
         if kwargs.get("optimizers", (None, None)) != (None, None):
@@ -89,16 +94,16 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
                 args.ella_auto_steps,
                 reduce_mean=lambda t: self.accelerator.reduce(t.to(self.args.device), "mean").cpu(),
             )
-        self.olora = OLoRARegularizer(args.olora_lambda1, args.olora_lambda2) if method.olora else None
+        self.olora = OLoraRegularizer(args.olora_lambda1, args.olora_lambda2) if method.olora else None
         # the listeners whose terms join the loss (`loss_term`), and the γ/τ schedule
         self.regularizers = [r for r in (self.ella, self.olora) if r is not None]
-        listeners = ([JumpLoRASchedule()] if method.jump_gate else []) + self.regularizers
+        listeners = ([JumpLoraSchedule()] if method.jump_gate else []) + self.regularizers
         kwargs["callbacks"] = [*listeners, *(kwargs.get("callbacks") or [])]
         self.hub_api = hub_api
         super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
         if self.is_fsdp_enabled:
             raise NotImplementedError(
-                "ContinualSeq2SeqTrainer does not support FSDP: launch with DDP (accelerate_configs/multi_gpu.yaml) "
+                "ContinualTrainer does not support FSDP: launch with DDP (accelerate_configs/multi_gpu.yaml) "
                 "or DeepSpeed ZeRO (accelerate_configs/zero2.yaml, zero3.yaml)"
             )
         if is_deepspeed_zero3_enabled():
@@ -110,7 +115,7 @@ class ContinualSeq2SeqTrainer(Seq2SeqTrainer):
         self.record: ContinualRecord | None = None
 
     @staticmethod
-    def _wrap_with_adapters(model, args: ContinualSeq2SeqConfig, peft_config: JumpLoraConfig | None) -> PeftModel:
+    def _wrap_with_adapters(model, args: ContinualConfig, peft_config: JumpLoraConfig | None) -> PeftModel:
         gate = get_method(args.method).jump_gate
         if isinstance(model, PeftModel):
             if peft_config is not None:
@@ -506,7 +511,7 @@ def encode_tasks(
     tasks: Sequence[ContinualTask],
     tokenizer,
     is_encoder_decoder: bool,
-    args: ContinualSeq2SeqConfig,
+    args: ContinualConfig,
     single_task_accuracies: Sequence[float] | None = None,
 ) -> list[EncodedTask]:
     """Check a task list against `args` and tokenise it: every error a run would meet in its data is raised here,
@@ -587,3 +592,7 @@ def _fingerprint(task: EncodedTask) -> str:
     for row in task.train:
         digest.update(json.dumps([row["input_ids"], row["labels"]]).encode())
     return digest.hexdigest()
+
+
+# the 0.2 names of what moved in 0.3
+__getattr__ = moved(__name__, {"ContinualSeq2SeqTrainer": ("continual_trainer", "ContinualTrainer")})

@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import torch
 
+from .callback import ContinualCallback
 from .entries import all_reduce_sum
 from .layer import iter_jumplora_layers
-from .lifecycle import ContinualCallback
 
 ELLA_DELTA_MODES = ("sparse", "interpolated")
 

@@ -33,8 +33,8 @@ import torch
 from safetensors import safe_open
 
 from .files import SafetensorsWriter
-from .lifecycle import LayerUpdate, MergedTaskUpdate, dense_lora_delta
 from .metrics import pack_support, support_jaccard
+from .updates import LayerUpdate, MergedTaskUpdate, dense_lora_delta
 
 LEDGER_DIR = "ledger"
 STATE_FILE = "continual_state.json"  # the run's commit point (state.py), which lists the committed ledger files

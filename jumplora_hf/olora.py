@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .callback import ContinualCallback
 from .layer import iter_jumplora_layers
-from .lifecycle import ContinualCallback
 from .zero import gathered_adapters
 
 
@@ -34,7 +34,7 @@ def pop_olora_terms(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]
     return torch.stack([t[0] for t in terms]).sum(), torch.stack([t[1] for t in terms]).sum()
 
 
-class OLoRARegularizer(ContinualCallback):
+class OLoraRegularizer(ContinualCallback):
     """The O-LoRA terms of each task's loss, and the earlier tasks' A matrices they need."""
 
     def __init__(self, lambda1: float, lambda2: float, adapter: str = "default"):

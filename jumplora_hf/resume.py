@@ -24,7 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .entries import all_reduce_sum, broadcast_json, is_main_process
 from .files import read_json
-from .lifecycle import CHECKPOINT_STATE_FILE
+from .sequence import CHECKPOINT_STATE_FILE
 from .state import run_differences
 
 logger = logging.getLogger(__name__)

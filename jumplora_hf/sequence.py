@@ -1,156 +1,199 @@
-"""A task sequence as one training run: which optimizer steps belong to which task, their batches and LR.
+"""`TaskSequence`: runs a task sequence inside one `Trainer.train()`, announcing the task events to the listeners.
 
-`ContinualSeq2SeqTrainer` trains every task inside a single `Trainer.train()` call, so that one
-optimizer and one engine (DDP or DeepSpeed) serve the whole sequence. Each task owns a contiguous
-range of optimizer steps, its batches never mix with another task's, and its LR schedule restarts.
+Task k owns the optimizer steps of its `TaskSpan` (steps.py). At a task's first step the adapters begin afresh
+(lifecycle.begin_task); after its last one they are merged (lifecycle.end_task), every task seen so far is evaluated,
+and the listeners record it (the run directory, the Hub pushes, progress lines). Trainer checkpoints get, beside
+them, what identifies the run and the listeners' state inside the task (resume.py reads it back).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Sequence
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import Sampler
-from transformers import get_scheduler
+from transformers import TrainerCallback, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ._deprecation import moved
+from .callback import ContinualCallback, dispatch
+from .entries import is_main_process
+from .files import write_json_atomic
+from .layer import iter_jumplora_layers
+from .lifecycle import begin_task, end_task
+from .steps import TaskSpan, reset_optimizer_state
+from .updates import LayerUpdate
+from .zero import writing_adapters
+
+CHECKPOINT_STATE_FILE = "jumplora_state.json"  # in each Trainer checkpoint folder, beside trainer_state.json
 
 
-@dataclass(frozen=True)
-class TaskSpan:
-    """Task `index` (named `name`) owns the optimizer steps first_step .. first_step + num_steps − 1 of the run."""
+class TaskSequence(TrainerCallback):
+    """Runs the tasks of `spans` inside one `Trainer.train()`: each begins at its first optimizer step and is
+    finished once its last step is done and logged (at the next step's start, or at the end of training: the
+    Trainer logs a step after `on_step_end`, so the logs of a task's last step still describe its adapters).
 
-    index: int
-    num_examples: int
-    first_step: int
-    num_steps: int
-    name: str = ""
-    steps_per_epoch: int = 0  # optimizer steps of one pass over the task's examples
+    Its inputs are its own: the spans, the seed, what to do once the engine exists (`start`: restore a resumed run's
+    state) and at a task's start (`prepare`), how to evaluate (`evaluate(task) -> row`), the record it fills and the
+    callbacks it announces the events to; for checkpoints, what identifies the run (`run`, written into every Trainer
+    checkpoint with the listeners' `task_state()`), and, when the Trainer resumes inside a task, the listeners' state
+    saved there (`resumed_listeners`).
 
-    @property
-    def end_step(self) -> int:
-        return self.first_step + self.num_steps
-
-
-def plan_task_spans(
-    num_examples: Sequence[int],
-    first_index: int,
-    per_device_batch_size: int,
-    num_processes: int,
-    gradient_accumulation_steps: int,
-    num_train_epochs: float,
-    max_steps_per_task: int = -1,
-    names: Sequence[str] | None = None,
-) -> list[TaskSpan]:
-    """Steps per task: `max_steps_per_task` when > 0, else `num_train_epochs` passes over the task's data.
-
-    One optimizer step consumes `gradient_accumulation_steps` batches on each of the `num_processes`
-    processes; a task's last step is completed with examples from its own start (as accelerate's
-    `even_batches` does), so that no step mixes two tasks.
-    """
-    spans, step = [], 0
-    for offset, n in enumerate(num_examples):
-        batches_per_epoch = math.ceil(n / per_device_batch_size)
-        steps_per_epoch = math.ceil(batches_per_epoch / (num_processes * gradient_accumulation_steps))
-        steps = max_steps_per_task if max_steps_per_task > 0 else max(1, math.ceil(num_train_epochs * steps_per_epoch))
-        name = names[offset] if names else f"task{first_index + offset}"
-        spans.append(TaskSpan(first_index + offset, n, step, steps, name, steps_per_epoch))
-        step += steps
-    return spans
-
-
-class TaskBatchSampler(Sampler[list[int]]):
-    """Batches of indices into the concatenation of the tasks' datasets, task after task.
-
-    Yields per-process batches in the order accelerate's `BatchSamplerShard` deals them out (batch b
-    goes to process b mod num_processes), so with N processes of batch size B a step sees the same
-    examples as one process of batch size N·B. Each task draws a fresh permutation per epoch from a
-    generator seeded by (seed, task index, epoch): the data order of a task does not depend on the
-    tasks before it, nor on whether the run was resumed. With `start_step`, the batches of the optimizer steps
-    before it are left out (a run restarted at a task boundary).
+    Resumed inside a task (the Trainer restored the adapters, optimizer, scheduler and RNG of a checkpoint), the task
+    does not begin again: its listeners get `on_task_begin(resumed=True)` and then their saved `task_state`.
     """
 
     def __init__(
         self,
         spans: Sequence[TaskSpan],
-        per_device_batch_size: int,
-        num_processes: int,
-        gradient_accumulation_steps: int,
         seed: int,
-        start_step: int = 0,
+        record,
+        evaluate: Callable[[TaskSpan], list],
+        callbacks: Callable[[], Sequence],
+        accumulate_w_past: bool,
+        prepare: Callable[[torch.nn.Module], None] | None = None,
+        start: Callable[[torch.nn.Module], None] | None = None,
+        run: dict | None = None,
+        resumed_listeners: dict | None = None,
     ):
-        # no `batch_size` attribute: accelerate then deals our batches out whole instead of re-batching them
-        self.spans = list(spans)
-        self.per_device_batch_size = per_device_batch_size
-        self.batches_per_step = num_processes * gradient_accumulation_steps
-        self.seed = seed
-        self.start_step = start_step  # the batches of the steps before it are left out (a run resumed there)
+        self.spans, self.seed, self.record = list(spans), seed, record
+        self.evaluate, self.callbacks, self.prepare, self.start = evaluate, callbacks, prepare, start
+        self.accumulate_w_past = accumulate_w_past
+        self.run, self.resumed_listeners = run, resumed_listeners
+        self.current: TaskSpan | None = None
 
-    def __len__(self) -> int:
-        return max(0, self.spans[-1].end_step - self.start_step) * self.batches_per_step if self.spans else 0
+    def _span_at(self, step: int, attribute: str) -> TaskSpan | None:
+        return next((s for s in self.spans if getattr(s, attribute) == step), None)
 
-    def _task_batches(self, span: TaskSpan) -> Iterator[list[int]]:
-        """The task's batches (local indices), epoch after epoch; an epoch's last batch may be smaller."""
-        epoch = 0
-        while True:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + span.index * 10_007 + epoch)
-            order = torch.randperm(span.num_examples, generator=generator).tolist()
-            for start in range(0, span.num_examples, self.per_device_batch_size):
-                yield order[start : start + self.per_device_batch_size]
-            epoch += 1
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.start is not None:  # the engine exists: under ZeRO-3 the weights are partitioned by now
+            self.start(model)
+        for _, layer in iter_jumplora_layers(model):  # γ and τ of the adapters a checkpoint may have restored
+            for adapter in layer.lora_gate_state:
+                layer.sync_gate_mirrors(adapter)
+        inside = next((s for s in self.spans if s.first_step < state.global_step < s.end_step), None)
+        if inside is not None:
+            self.current = inside
+            callbacks = self.callbacks()
+            dispatch(
+                callbacks,
+                "on_task_begin",
+                args,
+                state,
+                control,
+                task=inside,
+                model=model,
+                optimizer=optimizer,
+                resumed=True,
+            )
+            saved = self.resumed_listeners or {}
+            for callback in callbacks:
+                if isinstance(callback, ContinualCallback) and type(callback).__name__ in saved:
+                    callback.load_task_state(saved[type(callback).__name__], model=model)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        offset = 0
-        for span in self.spans:
-            batches = self._task_batches(span)
-            for step in range(span.first_step, span.end_step):
-                for _ in range(self.batches_per_step):
-                    batch = next(batches)  # drawn even when skipped: a task's order depends on nothing else
-                    if step >= self.start_step:
-                        yield [offset + i for i in batch]
-            offset += span.num_examples
-
-
-def task_restarting_schedule(
-    optimizer: torch.optim.Optimizer,
-    spans: Sequence[TaskSpan],
-    scheduler_type: str,
-    warmup: Callable[[int], int],
-    scheduler_kwargs: dict | None = None,
-) -> LambdaLR:
-    """One LR multiplier function over the run: the HF schedule `scheduler_type` restarted at every task.
-
-    `warmup(num_steps)` gives a task's warmup steps. The per-task multipliers are read from HF's
-    `get_scheduler` built on a throwaway optimizer, so every HF schedule type works unchanged.
-    """
-    multipliers = []
-    for span in spans:
-        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        schedule = get_scheduler(
-            scheduler_type,
-            probe,
-            num_warmup_steps=warmup(span.num_steps),
-            num_training_steps=span.num_steps,
-            scheduler_specific_kwargs=scheduler_kwargs or {},
+    def on_save(self, args, state, control, **kwargs):
+        """Next to the Trainer's checkpoint: what identifies the run and the listeners' state inside the task."""
+        if not is_main_process():
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not os.path.isdir(folder):
+            return
+        listeners = {}
+        for callback in self.callbacks():
+            if isinstance(callback, ContinualCallback) and callback.task_state() is not None:
+                listeners[type(callback).__name__] = callback.task_state()
+        write_json_atomic(
+            os.path.join(folder, CHECKPOINT_STATE_FILE),
+            {
+                "format": 1,
+                "global_step": state.global_step,
+                "task": self.current.index if self.current is not None else None,
+                "total_steps": self.spans[-1].end_step if self.spans else 0,
+                "run": self.run,
+                "listeners": listeners,
+            },
         )
-        multipliers.append(schedule.lr_lambdas[0])
-    firsts = [span.first_step for span in spans]
 
-    def multiplier(step: int) -> float:
-        task = max(0, sum(first <= step for first in firsts) - 1)
-        return multipliers[task](step - firsts[task])
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        ending = self._span_at(state.global_step, "end_step")
+        if ending is not None and not self.record.has_finished(ending.index):
+            self._end(args, state, control, ending, model)
+        beginning = self._span_at(state.global_step, "first_step")
+        if beginning is not None:
+            self._begin(args, state, control, beginning, model, optimizer)
+        if self.current is not None:
+            step = state.global_step - self.current.first_step
+            dispatch(self.callbacks(), "on_task_step", args, state, control, task=self.current, step=step, model=model)
 
-    return LambdaLR(optimizer, multiplier)
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        ending = self._span_at(state.global_step, "end_step")
+        if ending is not None and not self.record.has_finished(ending.index):
+            self._end(args, state, control, ending, model)
+
+    def _begin(self, args, state, control, task: TaskSpan, model, optimizer) -> None:
+        self.current = task
+        set_seed(self.seed + task.index)  # dropout etc. of a task independent of the tasks before it
+        if self.prepare is not None:
+            self.prepare(model)
+        with writing_adapters(model):
+            begin_task(model, task.index, self.seed)
+        reset_optimizer_state(optimizer)  # Adam moments and step count start afresh, as in a new optimizer
+        dispatch(self.callbacks(), "on_task_begin", args, state, control, task=task, model=model, optimizer=optimizer)
+
+    def _end(self, args, state, control, task: TaskSpan, model) -> None:
+        callbacks = self.callbacks()
+
+        def merged(name: str, layer_update: LayerUpdate) -> None:
+            dispatch(
+                callbacks,
+                "on_task_layer_merged",
+                args,
+                state,
+                control,
+                task=task,
+                name=name,
+                layer_update=layer_update,
+                record=self.record,
+            )
+
+        with writing_adapters(model):  # A, B and τ whole on every process; the base weights are written in place
+            update = end_task(model, self.accumulate_w_past, on_layer=merged, previous=self.record.updates)
+        self.record.add_task(task.name, update)
+        dispatch(
+            self.callbacks(),
+            "on_task_end",
+            args,
+            state,
+            control,
+            task=task,
+            update=update,
+            record=self.record,
+            model=model,
+        )
+        row = self.evaluate(task)
+        self.record.add_row(task.index, row)
+        dispatch(
+            self.callbacks(),
+            "on_task_evaluated",
+            args,
+            state,
+            control,
+            task=task,
+            row=row,
+            record=self.record,
+            model=model,
+        )
+        self.current = None
 
 
-def reset_optimizer_state(optimizer) -> None:
-    """Empty the state (moments, step counts) of the innermost torch optimizer; it is rebuilt at the next step.
-
-    Wrappers (accelerate's AcceleratedOptimizer, DeepSpeed's ZeRO optimizers) keep the torch optimizer
-    under `.optimizer`; for ZeRO its parameters are the flat fp32 partitions, whose state this empties too.
-    """
-    inner = optimizer
-    while hasattr(inner, "optimizer"):
-        inner = inner.optimizer
-    inner.state.clear()
+# the 0.2 names of what moved in 0.3
+__getattr__ = moved(
+    __name__,
+    {
+        "TaskSpan": ("steps", "TaskSpan"),
+        "plan_task_spans": ("steps", "plan_task_spans"),
+        "TaskBatchSampler": ("steps", "TaskBatchSampler"),
+        "task_restarting_schedule": ("steps", "task_restarting_schedule"),
+        "reset_optimizer_state": ("steps", "reset_optimizer_state"),
+    },
+)

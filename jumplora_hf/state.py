@@ -22,7 +22,7 @@ import glob
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,91 +30,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from . import metrics
+from ._deprecation import moved
 from .entries import broadcast_from_main, broadcast_json, gather_entries_to_main, is_main_process
 from .files import SAFETENSORS_DTYPES, SafetensorsWriter, read_json, write_json_atomic
 from .layer import iter_jumplora_layers
-from .ledger import STATE_FILE, TaskLedger
-from .lifecycle import ContinualCallback, MergedTaskUpdate
+from .ledger import STATE_FILE
+from .record import ContinualRecord
+from .updates import MergedTaskUpdate
 
 METRICS_FILE = "continual_metrics.json"
 LEGACY_STATE_FILE = "continual_state.pt"  # jumplora_hf 0.1 (a pickle): refused, never loaded
 STATE_FORMAT = 2
-
-
-@dataclass
-class ContinualRecord:
-    """The finished tasks of a sequence and their accuracies; `report()` is what continual_metrics.json holds."""
-
-    method: str
-    sequence: list[str]  # every task of the run, in order
-    single_task_baselines: bool = False
-    single_task_accuracies: list[float] | None = None  # a0, for FWT
-    metric_names: list[str] = field(default_factory=list)  # per task of `sequence`
-    tasks: list[str] = field(default_factory=list)  # the finished ones
-    accuracy_matrix: list[list[float | None]] = field(default_factory=list)
-    updates: list[MergedTaskUpdate] = field(default_factory=list)
-    notes: dict[int, dict] = field(default_factory=dict)  # per task index: what listeners added to its report entry
-
-    def note(self, index: int, **values) -> None:
-        self.notes.setdefault(index, {}).update(values)
-
-    def has_finished(self, index: int) -> bool:
-        return index < len(self.tasks)
-
-    def add_task(self, name: str, update: MergedTaskUpdate) -> None:
-        self.tasks.append(name)
-        self.updates.append(update)
-
-    def add_row(self, index: int, row: Sequence[float | None]) -> None:
-        self.accuracy_matrix.append(list(row) + [None] * (len(self.sequence) - len(row)))
-
-    def report(self) -> dict:
-        per_task = []
-        for index, (name, update) in enumerate(zip(self.tasks, self.updates)):
-            sparsity = update.sparsity()
-            entry = {
-                "name": name,
-                "metric": self._metric(index),
-                "sparsity": {"mean": _mean(sparsity), "per_layer": sparsity},
-            }
-            if not self.single_task_baselines and index < len(self.accuracy_matrix):
-                partial = [row[: index + 1] for row in self.accuracy_matrix[: index + 1]]
-                entry["overall_accuracy"] = metrics.overall_accuracy(partial)
-                entry["backward_transfer"] = metrics.backward_transfer(partial)
-                overlap = update.jaccard
-                entry["jaccard_with_previous"] = {"mean": _mean(overlap), "per_layer": overlap} if overlap else None
-            if update.taus:
-                entry["tau"] = dict(update.taus)
-            entry.update(self.notes.get(index, {}))
-            per_task.append(entry)
-        base = {"method": self.method, "tasks": self.tasks, "metrics": self.metric_names[: len(self.tasks)]}
-        if self.single_task_baselines:
-            return {
-                **base,
-                "single_task_baselines": True,
-                "single_task_accuracies": [row[i] for i, row in enumerate(self.accuracy_matrix)],
-                "per_task": per_task,
-            }
-        acc = self.accuracy_matrix
-        fwt = None
-        if self.single_task_accuracies is not None and acc:
-            fwt = metrics.forward_transfer(acc, self.single_task_accuracies)
-        return {
-            **base,
-            "accuracy_matrix": acc,
-            "overall_accuracy": metrics.overall_accuracy(acc) if acc else None,
-            "backward_transfer": metrics.backward_transfer(acc) if acc else None,
-            "forward_transfer": fwt,
-            "single_task_accuracies": self.single_task_accuracies,
-            "per_task": per_task,
-        }
-
-    def _metric(self, index: int) -> str:
-        return self.metric_names[index] if index < len(self.metric_names) else "exact_match"
-
-
-def _mean(values: dict[str, float]) -> float | None:
-    return float(np.mean(list(values.values()))) if values else None
 
 
 # ----------------------------------------------------------------------------- the resume state's tensors
@@ -397,67 +323,7 @@ def saved_merged_weights(output_dir: str) -> dict[str, torch.Tensor]:
     return {key.split("/", 1)[1]: value for key, value in tensors.items() if key.startswith("weight/")}
 
 
-# ----------------------------------------------------------------------------- the run directory
-class RunDirectory(ContinualCallback):
-    """Writes, after every task (main process), the run's config, the task's ledger file, the resume state and the
-    report, and with a per-task Hub strategy hands the model after the task to the publisher (hub.HubPublisher).
-
-    The ledger file is streamed during the merge (each layer's exact update as it is merged) and appears before the
-    state that lists it; readers ignore a file the state does not list. A resumed run continues the same ledger: the
-    files of finished tasks are listed in the state and never written again.
-    """
-
-    def __init__(
-        self,
-        output_dir: str,
-        task_metadata: dict[str, dict] | None = None,
-        write_ledger: bool = True,
-        ledger: Sequence[dict] = (),
-        run_config: dict | None = None,
-        publisher=None,
-        run: dict | None = None,
-    ):
-        self.output_dir = output_dir
-        self.run = run
-        self.task_metadata = task_metadata or {}
-        self.write_ledger = write_ledger
-        self.ledger_files = list(ledger)
-        self.run_config = run_config
-        self.publisher = publisher
-        self._pending: MergedTaskUpdate | None = None
-        self._ledger = None
-
-    def on_task_layer_merged(self, args, state, control, task=None, name=None, layer_update=None, record=None, **kw):
-        if not self.write_ledger:
-            return
-        if self._ledger is None:
-            method = record.method if record is not None else getattr(args, "method", "")
-            self._ledger = TaskLedger(self.output_dir).writer(task.index, task.name, method)
-        self._ledger.add(name, layer_update)
-
-    def on_task_end(self, args, state, control, update=None, **kwargs):
-        self._pending = update
-
-    def on_task_evaluated(self, args, state, control, task=None, record=None, model=None, **kwargs):
-        if is_main_process():
-            if self.run_config is not None:
-                write_json_atomic(os.path.join(self.output_dir, "run_config.json"), self.run_config)
-            if self._ledger is not None:
-                meta = {
-                    **self.task_metadata.get(task.name, {}),
-                    "steps": task.num_steps,
-                    "examples": task.num_examples,
-                }
-                path = self._ledger.close(self._pending, meta)
-                self.ledger_files = [e for e in self.ledger_files if e["index"] != task.index]
-                self.ledger_files.append(
-                    {"index": task.index, "file": os.path.relpath(path, self.output_dir), "sha256": sha256_file(path)}
-                )
-        self._ledger = None
-        # every process: the layers are gathered to the main one
-        write_state(self.output_dir, record, model, self.ledger_files, self.run)
-        if is_main_process():
-            write_json_atomic(os.path.join(self.output_dir, METRICS_FILE), record.report())
-        self._pending = None
-        if self.publisher is not None and self.publisher.per_task:
-            self.publisher.push_task(task.index, task.name, record.report())  # every process: the model is gathered
+# the 0.2 names of what moved in 0.3
+__getattr__ = moved(
+    __name__, {"ContinualRecord": ("record", "ContinualRecord"), "RunDirectory": ("run_directory", "RunDirectory")}
+)

@@ -125,15 +125,16 @@ def initialize_thresholds(model: torch.nn.Module, adapter: str = "default") -> d
 
 @torch.no_grad()
 def threshold_statistics(model: torch.nn.Module, adapter: str = "default") -> dict[str, float]:
-    """τ summary over groups and the current sparsity of ΔW_jump over all JumpLoRA layers."""
+    """γ, and once τ is set (S_start) the τ summary over groups and the sparsity of ΔW_jump over all JumpLoRA layers.
+    Before S_start the gate is open (τ is a placeholder, the smallest float32): no τ is logged then."""
     groups = threshold_groups(model, adapter)
     if not groups:
         return {}
-    taus = [layers[0].log_tau(adapter).exp().item() for layers in groups.values()]
-    stats = {"jump/tau_min": min(taus), "jump/tau_mean": sum(taus) / len(taus), "jump/tau_max": max(taus)}
     first = next(iter(groups.values()))[0]
-    stats["jump/gamma"] = first.jump_gamma[adapter]
+    stats = {"jump/gamma": first.jump_gamma[adapter]}
     if first.jump_tau_ready[adapter]:
+        taus = [layers[0].log_tau(adapter).exp().item() for layers in groups.values()]
+        stats.update({"jump/tau_min": min(taus), "jump/tau_mean": sum(taus) / len(taus), "jump/tau_max": max(taus)})
         kept = total = 0
         for layers in groups.values():
             for layer in layers:

@@ -2,7 +2,7 @@
 
 The markdown output ends with JumpLoRA's effect on its base method (IncLoRA, ELLA) paired by seed.
 
-Each run directory holds the `continual_metrics.json` that ContinualSeq2SeqTrainer writes after every task. The
+Each run directory holds the `continual_metrics.json` that ContinualTrainer writes after every task. The
 task order of a run is read from the layout the recipes write, `runs/<order>/<method>/seed<seed>` (or given with
 --label). The std is the sample standard deviation (ddof=1) over the runs of a cell.
 

@@ -100,10 +100,10 @@ def run_demo(
     import torch
     from transformers import PrinterCallback, set_seed
 
-    from jumplora_hf import METHODS, ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, JumpLoraConfig
+    from jumplora_hf import ContinualConfig, ContinualTrainer, JumpLoraConfig
     from jumplora_hf.bench.console import TaskProgress, print_report
     from jumplora_hf.bench.reports import write_run_reports  # tables always; plots when matplotlib is installed
-    from jumplora_hf.methods import display_name
+    from jumplora_hf.methods import METHODS, display_name
     from jumplora_hf.state import STATE_FILE
 
     start = time.time()
@@ -116,7 +116,7 @@ def run_demo(
         if os.path.exists(os.path.join(output_dir, STATE_FILE)):
             print(f"{display_name(method)}: resuming the finished tasks in {output_dir} (--fresh starts over)")
         set_seed(seed)
-        config = ContinualSeq2SeqConfig(
+        config = ContinualConfig(
             output_dir=output_dir,
             method=method,
             ella_lambda=lambdas if METHODS[method].ella else None,
@@ -135,9 +135,7 @@ def run_demo(
         )
         adapters = JumpLoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=list(target_modules))
         progress = TaskProgress(len(tasks), display_name(method), start)
-        trainer = ContinualSeq2SeqTrainer(
-            copy.deepcopy(model), config, tokenizer, peft_config=adapters, callbacks=[progress]
-        )
+        trainer = ContinualTrainer(copy.deepcopy(model), config, tokenizer, peft_config=adapters, callbacks=[progress])
         trainer.remove_callback(PrinterCallback)  # the logs go to log_history; the console gets one line per task
         report = trainer.train_continual(tasks)
         print_report(report)
@@ -153,8 +151,9 @@ def final_model_diagnostics(
 ) -> dict:
     """The final model (the base model + the run's ledger): where its answers to the earlier tasks come from, and,
     with `revert`, every task's accuracy before and after that task is taken back out (the other tasks composed)."""
-    from jumplora_hf import TaskLedger, encode_task
     from jumplora_hf.bench.generation import answer_sources, evaluate_tasks, generate_answers
+    from jumplora_hf.data import encode_task
+    from jumplora_hf.ledger import TaskLedger
 
     ledger = TaskLedger(run_dir)
     names = [e.name for e in ledger.entries()]

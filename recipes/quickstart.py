@@ -21,10 +21,10 @@ import sys
 import torch
 from transformers import ByT5Tokenizer, PrinterCallback, T5Config, T5ForConditionalGeneration, set_seed
 
-from jumplora_hf import METHODS, ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, JumpLoraConfig
+from jumplora_hf import ContinualConfig, ContinualTrainer, JumpLoraConfig
 from jumplora_hf.bench.console import TaskProgress, print_report
 from jumplora_hf.bench.synthetic import keyword_task_stream
-from jumplora_hf.methods import display_name
+from jumplora_hf.methods import METHODS, display_name
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
         if len(args.ella_lambda) in (1, args.tasks)
         else [args.ella_lambda[0]] + [args.ella_lambda[-1]] * (args.tasks - 1)
     )
-    config = ContinualSeq2SeqConfig(
+    config = ContinualConfig(
         output_dir=args.output_dir,
         method=args.method,
         ella_lambda=lambdas if METHODS[args.method].ella else None,
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     )
     adapters = JumpLoraConfig(r=8, lora_alpha=16, target_modules=["q", "k", "v", "o", "wi", "wo"])
     progress = TaskProgress(args.tasks, display_name(args.method))
-    trainer = ContinualSeq2SeqTrainer(model, config, ByT5Tokenizer(), peft_config=adapters, callbacks=[progress])
+    trainer = ContinualTrainer(model, config, ByT5Tokenizer(), peft_config=adapters, callbacks=[progress])
     trainer.remove_callback(PrinterCallback)  # one line per task instead of every log
     try:
         report = trainer.train_continual(

@@ -17,14 +17,8 @@ from transformers import T5ForConditionalGeneration
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny import SurvivorProbe, keyword_task, tiny_t5, tokenizer  # noqa: E402
 
-from jumplora_hf import (  # noqa: E402
-    ContinualCallback,
-    ContinualSeq2SeqConfig,
-    ContinualSeq2SeqTrainer,
-    JumpLoraConfig,
-    iter_jumplora_layers,
-    state,  # noqa: E402
-)
+from jumplora_hf import ContinualCallback, ContinualConfig, ContinualTrainer, JumpLoraConfig, state  # noqa: E402
+from jumplora_hf.layer import iter_jumplora_layers  # noqa: E402
 from jumplora_hf.zero import gathered_adapters  # noqa: E402
 
 
@@ -156,7 +150,7 @@ def main():
         "--memory_report", action="store_true", help="every process writes the bytes of JumpLoRA's state it holds"
     )
     cli = parser.parse_args()
-    args = ContinualSeq2SeqConfig(
+    args = ContinualConfig(
         output_dir=cli.out,
         method=cli.method,
         ella_lambda=[0.0] + [100.0] * (cli.tasks - 1) if "ella" in cli.method else None,
@@ -197,7 +191,7 @@ def main():
     else:
         model = tiny_t5(d_model=cli.d_model, tie_word_embeddings=False)
     built_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
-    trainer = ContinualSeq2SeqTrainer(model, args, tokenizer(), peft_config=config, callbacks=callbacks)
+    trainer = ContinualTrainer(model, args, tokenizer(), peft_config=config, callbacks=callbacks)
     # every example has the same length, so every rank holds as many answer tokens as any other and the
     # per-rank loss normalisation equals the global one: the backends can then agree to float precision
     tasks = [

@@ -13,8 +13,11 @@ from transformers import Trainer, TrainingArguments
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny import task_stream, tiny_llama, tokenizer  # noqa: E402
 
-from jumplora_hf import JumpLoraConfig, attach_jumplora, encode_task, finish_task, get_jumplora_model  # noqa: E402
-from jumplora_hf.data import ContinualDataCollator  # noqa: E402
+from jumplora_hf import JumpLoraConfig, attach_jumplora, finish_task, get_jumplora_model  # noqa: E402
+from jumplora_hf.data import (
+    ContinualDataCollator,  # noqa: E402
+    encode_task,  # noqa: E402
+)
 
 
 def main():

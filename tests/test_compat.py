@@ -11,8 +11,9 @@ from peft import get_peft_model
 from tiny import task_stream, tiny_t5, tokenizer
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
-from jumplora_hf import JumpLoraConfig, JumpLoraLinear, _compat, encode_task
-from jumplora_hf.data import ContinualDataCollator
+from jumplora_hf import JumpLoraConfig, _compat
+from jumplora_hf.data import ContinualDataCollator, encode_task
+from jumplora_hf.layer import JumpLoraLinear
 
 
 def test_versions_outside_the_tested_ranges_warn(monkeypatch):

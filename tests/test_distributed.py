@@ -132,7 +132,7 @@ def test_two_processes_match_one_process(tmp_path, single_process, extensions_di
     sys.path.insert(0, os.path.dirname(__file__))
     from tiny import tiny_t5
 
-    from jumplora_hf import TaskLedger
+    from jumplora_hf.ledger import TaskLedger
 
     rebuilt = dict(TaskLedger(str(tmp_path)).compose(tiny_t5(tie_word_embeddings=False)).named_parameters())
     for name, weight in multi["weights"].items():
@@ -165,7 +165,7 @@ def test_bf16_engine_keeps_the_count_at_s_start_and_rounds_the_merges_once(tmp_p
     sys.path.insert(0, os.path.dirname(__file__))
     from tiny import tiny_t5
 
-    from jumplora_hf import TaskLedger
+    from jumplora_hf.ledger import TaskLedger
 
     result = _run(tmp_path, "jumplora_inclora", extensions_dir, backend, precision="bf16")
     counts = result["survivors_at_s_start"]
@@ -287,7 +287,7 @@ def test_two_machines_without_a_shared_disk_restart_bit_identically(tmp_path, ex
         assert all(survivors == budget for survivors, budget in resumed["survivors_at_s_start"])
         # the ledger: base + every task's exact update, rounded once to bf16, is the trained model
         base = T5ForConditionalGeneration.from_pretrained(saved_tiny_t5).to(torch.bfloat16)
-        from jumplora_hf import TaskLedger
+        from jumplora_hf.ledger import TaskLedger
 
         rebuilt = dict(TaskLedger(str(tmp_path / "part-node0")).compose(base).named_parameters())
         merged = T5ForConditionalGeneration.from_pretrained(tmp_path / "part-node0" / "merged").state_dict()
@@ -393,7 +393,7 @@ def test_a_kill_anywhere_costs_at_most_one_checkpoint_and_the_result_is_unchange
     state = json.loads((out / "continual_state.json").read_text())
     assert state["tasks"] == ["task0"]  # task 2 was not committed
     if point == "state":  # its ledger file was written, the state that would list it was not
-        from jumplora_hf import TaskLedger
+        from jumplora_hf.ledger import TaskLedger
 
         assert (out / "ledger" / "task-02-task1.safetensors").exists()
         with pytest.warns(UserWarning, match="task-02-task1.safetensors.*ignored"):

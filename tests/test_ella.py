@@ -2,16 +2,11 @@ import pytest
 import torch
 from tiny import TINY_MODELS
 
-from jumplora_hf import (
-    JumpLoraConfig,
-    begin_task,
-    ella_penalty,
-    end_task,
-    get_jumplora_model,
-    initialize_thresholds,
-    iter_jumplora_layers,
-    set_interpolation_gamma,
-)
+from jumplora_hf import JumpLoraConfig, get_jumplora_model
+from jumplora_hf.ella import ella_penalty
+from jumplora_hf.layer import iter_jumplora_layers, set_interpolation_gamma
+from jumplora_hf.lifecycle import begin_task, end_task
+from jumplora_hf.thresholds import initialize_thresholds
 
 
 def _randomise_adapters(model, seed):
@@ -89,9 +84,9 @@ def test_plain_lora_penalty_uses_dense_delta():
 def test_auto_lambda_is_measured_per_task_and_reported(tmp_path):
     from tiny import task_stream, tiny_t5, tokenizer
 
-    from jumplora_hf import ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer
+    from jumplora_hf import ContinualConfig, ContinualTrainer
 
-    args = ContinualSeq2SeqConfig(
+    args = ContinualConfig(
         output_dir=str(tmp_path),
         method="jumplora_ella",
         ella_lambda="auto",
@@ -105,7 +100,7 @@ def test_auto_lambda_is_measured_per_task_and_reported(tmp_path):
         disable_tqdm=True,
         seed=7,
     )
-    trainer = ContinualSeq2SeqTrainer(
+    trainer = ContinualTrainer(
         tiny_t5(), args, tokenizer(), peft_config=JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"])
     )
     report = trainer.train_continual(task_stream(3))
@@ -124,9 +119,9 @@ def test_auto_lambda_is_measured_per_task_and_reported(tmp_path):
 
 
 def test_lambda_values_are_parsed_and_checked():
-    from jumplora_hf import ContinualSeq2SeqConfig
+    from jumplora_hf import ContinualConfig
 
-    assert ContinualSeq2SeqConfig(output_dir="o", method="ella", ella_lambda=["0", "3e4"]).ella_lambda == [0.0, 3e4]
-    assert ContinualSeq2SeqConfig(output_dir="o", method="ella", ella_lambda=["AUTO"]).ella_lambda == "auto"
+    assert ContinualConfig(output_dir="o", method="ella", ella_lambda=["0", "3e4"]).ella_lambda == [0.0, 3e4]
+    assert ContinualConfig(output_dir="o", method="ella", ella_lambda=["AUTO"]).ella_lambda == "auto"
     with pytest.raises(ValueError, match="numbers or 'auto'"):
-        ContinualSeq2SeqConfig(output_dir="o", method="ella", ella_lambda=["big"])
+        ContinualConfig(output_dir="o", method="ella", ella_lambda=["big"])

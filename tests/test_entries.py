@@ -9,10 +9,12 @@ import torch
 from safetensors.torch import load_file
 from tiny import tiny_t5
 
-from jumplora_hf import JumpLoraConfig, end_task, get_jumplora_model, iter_jumplora_layers
+from jumplora_hf import JumpLoraConfig, get_jumplora_model
 from jumplora_hf.entries import partition_for_rank, whole_partition
 from jumplora_hf.files import SafetensorsWriter, write_atomic
 from jumplora_hf.gate import hard_threshold, hard_threshold_
+from jumplora_hf.layer import iter_jumplora_layers
+from jumplora_hf.lifecycle import end_task
 from jumplora_hf.metrics import pack_support, support_jaccard
 
 

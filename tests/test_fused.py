@@ -14,16 +14,10 @@ import torch.nn.functional as F
 from tiny import TINY_MODELS
 
 import jumplora_hf.layer as layer_module
-from jumplora_hf import (
-    JumpLoraConfig,
-    JumpLoraLinear,
-    get_jumplora_model,
-    initialize_thresholds,
-    iter_jumplora_layers,
-    jump_interpolated_delta,
-    set_interpolation_gamma,
-)
-from jumplora_hf.gate import fused_jump_linear, gate_tau_local
+from jumplora_hf import JumpLoraConfig, get_jumplora_model
+from jumplora_hf.gate import fused_jump_linear, gate_tau_local, jump_interpolated_delta
+from jumplora_hf.layer import JumpLoraLinear, iter_jumplora_layers, set_interpolation_gamma
+from jumplora_hf.thresholds import initialize_thresholds
 
 D_IN, D_OUT, RANK, SCALING = 48, 40, 4, 2.0
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}

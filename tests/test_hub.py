@@ -16,7 +16,7 @@ from huggingface_hub import HfApi, ModelCard
 from tiny import continual_args, task_stream, tiny_llama, tokenizer
 from transformers import AutoModelForCausalLM
 
-from jumplora_hf import ContinualCallback, ContinualSeq2SeqTrainer, JumpLoraConfig
+from jumplora_hf import ContinualCallback, ContinualTrainer, JumpLoraConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +64,7 @@ def _trainer(out, api, tasks=3, strategy="every_save", push=True):
         hub_token="hf_dummy",
         hub_private_repo=True,
     )
-    trainer = ContinualSeq2SeqTrainer(
+    trainer = ContinualTrainer(
         tiny_llama(),
         args,
         tokenizer(),

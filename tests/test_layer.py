@@ -4,6 +4,9 @@ unmerged, deleted, reloaded and low-precision states, with "merged ≠ base" so 
 identity adapter."""
 
 import copy
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,17 +15,10 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from peft.utils import get_peft_model_state_dict
 from tiny import TINY_MODELS
 
-from jumplora_hf import (
-    JumpLoraConfig,
-    JumpLoraLinear,
-    begin_task,
-    end_task,
-    get_jumplora_model,
-    initialize_thresholds,
-    iter_jumplora_layers,
-    load_jumplora_adapter,
-    set_interpolation_gamma,
-)
+from jumplora_hf import JumpLoraConfig, get_jumplora_model, load_jumplora_adapter
+from jumplora_hf.layer import JumpLoraLinear, iter_jumplora_layers, set_interpolation_gamma
+from jumplora_hf.lifecycle import begin_task, end_task
+from jumplora_hf.thresholds import initialize_thresholds
 
 TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
 GROUPS = {
@@ -107,8 +103,7 @@ def test_merge_unmerge_and_safe_merge(arch, mode, fused):
     assert not any("lora" in name for name in merged.state_dict())
 
 
-def test_plain_peft_is_refused_with_the_hint_also_with_modules_to_save(tmp_path):
-    # modules_to_save gives plain PEFT a module to wrap; its own "no modules were targeted" error has no hint
+def test_peft_loads_a_jumplora_adapter_with_modules_to_save(tmp_path):
     config = JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["o_proj"])
     model = _trained_like(get_jumplora_model(TINY_MODELS["llama"](), config)).eval()
     saved_copies = [m for n, m in model.named_modules() if n.endswith("o_proj.modules_to_save.default")]
@@ -118,10 +113,43 @@ def test_plain_peft_is_refused_with_the_hint_also_with_modules_to_save(tmp_path)
             copy.weight.add_(0.05)  # so that the reload must restore the trained copies too
     expected = _logits(model, "llama")
     model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="load_jumplora_adapter"):
+    for reloaded in (
+        PeftModel.from_pretrained(TINY_MODELS["llama"](), str(tmp_path)).eval(),
+        load_jumplora_adapter(TINY_MODELS["llama"](), str(tmp_path)).eval(),
+    ):
+        assert reloaded.peft_config["default"].modules_to_save == ["o_proj"]
+        assert torch.allclose(_logits(reloaded, "llama"), expected, atol=1e-6)
+
+
+def test_without_jumplora_hf_peft_refuses_the_unknown_type(tmp_path):
+    get_jumplora_model(TINY_MODELS["llama"](), _config("llama", "global", True)).save_pretrained(tmp_path)
+    script = (
+        "import json, sys; from peft import PeftConfig\n"
+        "try:\n    PeftConfig.from_pretrained(sys.argv[1])\nexcept Exception as error:\n    print(type(error).__name__, error)"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert "JUMPLORA" in done.stdout  # PEFT alone does not know the type (no dense LoRA that would ignore τ)
+
+
+def test_an_adapter_of_0_2_loads_and_converts(tmp_path):
+    # jumplora_hf 0.2 saved peft_type LORA, the targets under jumplora_target_modules and a pattern matching nothing
+    model = _trained_like(get_jumplora_model(TINY_MODELS["llama"](), _config("llama", "global", True))).eval()
+    expected = _logits(model, "llama")
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    saved.update(peft_type="LORA", jumplora_target_modules=saved["target_modules"])
+    saved["target_modules"] = "(?#This is a JumpLoRA adapter - load it with jumplora_hf.load_jumplora_adapter)(?!)"
+    path.write_text(json.dumps(saved))
+    assert torch.allclose(_logits(load_jumplora_adapter(TINY_MODELS["llama"](), str(tmp_path)), "llama"), expected)
+    with pytest.raises(ValueError, match="load_jumplora_adapter"):  # plain PEFT: LoRA layers would ignore τ
         PeftModel.from_pretrained(TINY_MODELS["llama"](), str(tmp_path))
-    reloaded = load_jumplora_adapter(TINY_MODELS["llama"](), str(tmp_path)).eval()
-    assert reloaded.peft_config["default"].modules_to_save == ["o_proj"]
+    from jumplora_hf.adapters import main as adapters_cli
+
+    assert adapters_cli(["convert", str(tmp_path)]) == 0
+    converted = json.loads(path.read_text())
+    assert converted["peft_type"] == "JUMPLORA" and sorted(converted["target_modules"]) == ["q_proj", "v_proj"]
+    reloaded = PeftModel.from_pretrained(TINY_MODELS["llama"](), str(tmp_path)).eval()
     assert torch.allclose(_logits(reloaded, "llama"), expected, atol=1e-6)
 
 
@@ -138,9 +166,12 @@ def test_save_reload_and_state_dict_into_a_fresh_model(tmp_path, arch, mode, fus
     assert torch.allclose(_logits(reloaded, arch), expected, atol=1e-6)
     assert all(layer.jump_gamma["default"] == 1.0 and layer.jump_tau_ready["default"] for layer in layers)
 
-    # plain PEFT refuses it rather than loading the dense update
-    with pytest.raises(ValueError, match="load_jumplora_adapter"):
-        PeftModel.from_pretrained(TINY_MODELS[arch](), str(tmp_path))
+    # PEFT's own loaders build the same model: the registered JUMPLORA method, τ and γ restored, ties rebuilt
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "JUMPLORA"
+    plain = PeftModel.from_pretrained(TINY_MODELS[arch](), str(tmp_path)).eval()
+    layers = [layer for _, layer in iter_jumplora_layers(plain)]
+    assert len({id(layer.lora_log_tau["default"]) for layer in layers}) == GROUPS[arch, mode]
+    assert torch.allclose(_logits(plain, arch), expected, atol=1e-6)
 
     # the state dict carries γ and τ: loaded into a freshly built model (γ = 0, gate open), the outputs match
     fresh = get_jumplora_model(TINY_MODELS[arch](), _config(arch, mode, fused)).eval()
@@ -258,17 +289,10 @@ def test_one_config_reused_for_two_models_shares_nothing():
     assert tau(first) is not tau(second)
 
 
-def test_plain_get_peft_model_gets_its_thresholds_tied_by_the_callback():
-    from transformers import TrainingArguments
-
-    from jumplora_hf import JumpLoRATrainerCallback
-
+def test_plain_get_peft_model_ties_the_thresholds():
+    # the registered JUMPLORA method ties each threshold group when PEFT injects the layers: trl's route too
     model = get_peft_model(TINY_MODELS["t5"](), JumpLoraConfig(target_modules=["q", "v"]))
-    assert (
-        len({id(layer.lora_log_tau["default"]) for _, layer in iter_jumplora_layers(model)}) == 12
-    )  # PEFT alone: one per layer
-    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
-    JumpLoRATrainerCallback().on_init_end(args, None, None, model=model)
+    assert type(model.base_model).__name__ == "JumpLoraModel"
     assert len({id(layer.lora_log_tau["default"]) for _, layer in iter_jumplora_layers(model)}) == 1
 
 

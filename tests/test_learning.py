@@ -5,7 +5,7 @@ import torch
 from tiny import TINY_MODELS, keyword_task, tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from jumplora_hf import ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, JumpLoraConfig
+from jumplora_hf import ContinualConfig, ContinualTrainer, JumpLoraConfig
 
 SETUPS = {
     # untied T5 head: a tied one would be changed by every merge into the embeddings
@@ -22,7 +22,7 @@ SETUPS = {
 @pytest.mark.parametrize("arch", ["t5", "llama"])
 def test_tiny_model_learns_and_saves_a_plain_merged_checkpoint(tmp_path, arch):
     overrides, targets, auto_class = SETUPS[arch]
-    args = ContinualSeq2SeqConfig(
+    args = ContinualConfig(
         output_dir=str(tmp_path / "run"),
         method="jumplora_inclora",
         learning_rate=1e-2,
@@ -36,7 +36,7 @@ def test_tiny_model_learns_and_saves_a_plain_merged_checkpoint(tmp_path, arch):
         seed=1,
         disable_tqdm=True,
     )
-    trainer = ContinualSeq2SeqTrainer(
+    trainer = ContinualTrainer(
         TINY_MODELS[arch](**overrides),
         args,
         tokenizer(),

@@ -7,12 +7,9 @@ import pytest
 import torch
 from tiny import TINY_MODELS, continual_args, task_stream, tokenizer
 
-from jumplora_hf import (
-    ContinualSeq2SeqTrainer,
-    JumpLoraConfig,
-    TaskLedger,
-    iter_jumplora_layers,
-)
+from jumplora_hf import ContinualTrainer, JumpLoraConfig
+from jumplora_hf.layer import iter_jumplora_layers
+from jumplora_hf.ledger import TaskLedger
 from jumplora_hf.ledger import main as ledger_cli
 
 TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
@@ -21,7 +18,7 @@ TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
 def _train(out, arch, method, tasks=3, dtype=torch.float32):
     args = continual_args(out, method)
     model = TINY_MODELS[arch]().to(dtype)
-    trainer = ContinualSeq2SeqTrainer(
+    trainer = ContinualTrainer(
         model, args, tokenizer(), peft_config=JumpLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch])
     )
     trainer.train_continual(task_stream(3)[:tasks])
@@ -145,8 +142,8 @@ def test_a_resumed_run_continues_the_same_ledger(tmp_path, runs):
 
 @pytest.mark.parametrize("density", [0.01, 0.4])
 def test_sparse_updates_round_trip_in_either_encoding(tmp_path, density):
-    from jumplora_hf.lifecycle import LayerUpdate, MergedTaskUpdate
     from jumplora_hf.metrics import pack_support
+    from jumplora_hf.updates import LayerUpdate, MergedTaskUpdate
 
     gen = torch.Generator().manual_seed(0)
     dense = torch.randn(64, 96, generator=gen) * (torch.rand(64, 96, generator=gen) < density)

@@ -7,17 +7,11 @@ import pytest
 import torch
 from tiny import SurvivorProbe, task_stream, tiny_llama, tiny_t5, tokenizer
 
-from jumplora_hf import (
-    ContinualSeq2SeqConfig,
-    ContinualSeq2SeqTrainer,
-    JumpLoraConfig,
-    JumpLoraLinear,
-    TaskLedger,
-    get_jumplora_model,
-    initialize_thresholds,
-    iter_jumplora_layers,
-)
+from jumplora_hf import ContinualConfig, ContinualTrainer, JumpLoraConfig, get_jumplora_model
 from jumplora_hf.bench.precision import merge_drift, survivor_count, synthetic_updates
+from jumplora_hf.layer import JumpLoraLinear, iter_jumplora_layers
+from jumplora_hf.ledger import TaskLedger
+from jumplora_hf.thresholds import initialize_thresholds
 
 BF16 = torch.bfloat16
 
@@ -84,7 +78,7 @@ def test_three_tasks_under_bf16_autocast(tmp_path, model_dtype):
     probe = SurvivorProbe()
     # SGD: after Adam's first step every entry of B is ±lr, and rows of ΔW = B·A with the same signs tie at the
     # threshold, where no τ can separate them; SGD's steps follow the gradients
-    args = ContinualSeq2SeqConfig(
+    args = ContinualConfig(
         output_dir=str(tmp_path),
         method="jumplora_inclora",
         per_device_train_batch_size=4,
@@ -99,7 +93,7 @@ def test_three_tasks_under_bf16_autocast(tmp_path, model_dtype):
     )
     model = tiny_t5(tie_word_embeddings=False).to(model_dtype)
     config = JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], threshold_mode="per_block")
-    trainer = ContinualSeq2SeqTrainer(model, args, tokenizer(), peft_config=config, callbacks=[probe])
+    trainer = ContinualTrainer(model, args, tokenizer(), peft_config=config, callbacks=[probe])
     report = trainer.train_continual(task_stream(3))
     assert len(probe.counts) == 3 * 4 and all(s == b for s, b in probe.counts)  # exact at every task's S_start
     assert all(0.2 < t["sparsity"]["mean"] < 1.0 for t in report["per_task"])

@@ -53,7 +53,7 @@ def make_report(
     jaccard=(None, 0.1, 0.05),
     single_task=None,
 ):
-    """A report in the shape ContinualSeq2SeqTrainer.continual_report() returns (rows padded to the whole sequence)."""
+    """A report in the shape ContinualTrainer.continual_report() returns (rows padded to the whole sequence)."""
     per_task = []
     for i, name in enumerate(tasks):
         overlap = None if jaccard[i] is None else {"mean": jaccard[i], "per_layer": _per_layer(layers, jaccard[i])}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from jumplora_hf.sequence import TaskBatchSampler, plan_task_spans, reset_optimizer_state, task_restarting_schedule
+from jumplora_hf.steps import TaskBatchSampler, plan_task_spans, reset_optimizer_state, task_restarting_schedule
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ import os
 import pytest
 from tiny import keyword_task, tiny_t5, tokenizer
 
-from jumplora_hf import ContinualSeq2SeqConfig, ContinualSeq2SeqTrainer, ContinualTask, JumpLoraConfig, encode_task
+from jumplora_hf import ContinualConfig, ContinualTask, ContinualTrainer, JumpLoraConfig
+from jumplora_hf.data import encode_task
 
 METRIC_DIR = os.path.join(os.path.dirname(__file__), "metrics", "token_f1")
 
@@ -55,7 +56,7 @@ def test_mixed_sequence_reports_each_tasks_metric(tmp_path):
         _generation_task(METRIC_DIR, "token_f1"),
         ContinualTask("reverse2", _copy_task(16, 2), _copy_task(8, 7), generation=True, metric=overlap),
     ]
-    args = ContinualSeq2SeqConfig(
+    args = ContinualConfig(
         output_dir=str(tmp_path),
         method="jumplora_inclora",
         per_device_train_batch_size=4,
@@ -65,7 +66,7 @@ def test_mixed_sequence_reports_each_tasks_metric(tmp_path):
         use_cpu=True,
         disable_tqdm=True,
     )
-    trainer = ContinualSeq2SeqTrainer(
+    trainer = ContinualTrainer(
         tiny_t5(), args, tokenizer(), peft_config=JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"])
     )
     report = trainer.train_continual(tasks)

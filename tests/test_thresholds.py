@@ -2,8 +2,9 @@ import pytest
 import torch
 from tiny import TINY_MODELS
 
-from jumplora_hf import JumpLoraConfig, get_jumplora_model, initialize_thresholds, iter_jumplora_layers
-from jumplora_hf.thresholds import kth_smallest_abs_delta, threshold_groups
+from jumplora_hf import JumpLoraConfig, get_jumplora_model
+from jumplora_hf.layer import iter_jumplora_layers
+from jumplora_hf.thresholds import initialize_thresholds, kth_smallest_abs_delta, threshold_groups
 
 TARGETS = {"t5": ["q", "k", "v", "o", "wi"], "llama": ["q_proj", "v_proj", "up_proj"]}
 

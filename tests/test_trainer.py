@@ -8,18 +8,15 @@ import torch
 from tiny import TINY_MODELS, continual_args, task_stream, tokenizer
 from transformers import TrainerCallback
 
-from jumplora_hf import (
-    METHODS,
-    ContinualSeq2SeqTrainer,
-    JumpLoraConfig,
-    ella_penalty,
-    encode_task,
-    end_task,
-    iter_jumplora_layers,
-)
+from jumplora_hf import ContinualTrainer, JumpLoraConfig
 from jumplora_hf.bench.generation import evaluate_tasks
+from jumplora_hf.data import encode_task
+from jumplora_hf.ella import ella_penalty
+from jumplora_hf.layer import iter_jumplora_layers
+from jumplora_hf.lifecycle import end_task
+from jumplora_hf.methods import METHODS
 from jumplora_hf.metrics import pack_support
-from jumplora_hf.sequence import TaskSpan
+from jumplora_hf.steps import TaskSpan
 
 TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
 
@@ -30,7 +27,7 @@ def _args(tmp_path, method="jumplora_inclora", **overrides):
 
 def _trainer(tmp_path, arch="t5", method="jumplora_inclora", callbacks=None, **overrides):
     config = JumpLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch])
-    return ContinualSeq2SeqTrainer(
+    return ContinualTrainer(
         TINY_MODELS[arch](), _args(tmp_path, method, **overrides), tokenizer(), peft_config=config, callbacks=callbacks
     )
 
@@ -128,7 +125,7 @@ def test_ella_term_counts_once_per_optimizer_step_under_gradient_accumulation(tm
     )
     assert trainer.ella.lam == 100.0
     trainer.current_gradient_accumulation_steps = 2
-    cross_entropy = super(ContinualSeq2SeqTrainer, trainer).compute_loss
+    cross_entropy = super(ContinualTrainer, trainer).compute_loss
     # normalised over the whole accumulated batch: the Trainer will not divide, so the term is divided here
     added = trainer.compute_loss(model, dict(batch), num_items_in_batch=items) - cross_entropy(
         model, dict(batch), num_items_in_batch=items
@@ -273,7 +270,7 @@ def test_restart_with_other_settings_is_refused_naming_them(tmp_path):
     _trainer(tmp_path, "t5", "inclora").train_continual(task_stream(2))
     out = tmp_path / "out"
     before = {name: (out / name).read_bytes() for name in ("continual_state.json", "run_config.json")}
-    other = ContinualSeq2SeqTrainer(
+    other = ContinualTrainer(
         TINY_MODELS["t5"](),
         _args(tmp_path, "inclora", learning_rate=5e-3),
         tokenizer(),
@@ -372,7 +369,7 @@ def test_olora_keeps_the_earlier_tasks_subspaces_and_adds_their_orthogonality_to
     layers = list(iter_jumplora_layers(trainer.model))
     assert all(layer.olora_past_A.shape == (2 * 4, layer.in_features) for _, layer in layers)  # r rows per task
     # the loss term of one forward, against the formula computed by hand
-    from jumplora_hf.olora import OLoRARegularizer, pop_olora_terms, record_olora_terms
+    from jumplora_hf.olora import OLoraRegularizer, pop_olora_terms, record_olora_terms
 
     model = trainer.model
     model.train()
@@ -388,7 +385,7 @@ def test_olora_keeps_the_earlier_tasks_subspaces_and_adds_their_orthogonality_to
         for _, layer in layers
     )
     assert torch.allclose(orthogonal, expected_orthogonal) and torch.allclose(l2, expected_l2)
-    assert isinstance(trainer.olora, OLoRARegularizer) and trainer.olora in trainer.regularizers
+    assert isinstance(trainer.olora, OLoraRegularizer) and trainer.olora in trainer.regularizers
     logs = [h for h in trainer.state.log_history if "loss_olora" in h]
     assert logs and all(h["loss_olora"] >= 0 for h in logs)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from jumplora_hf import ContinualCallback, ContinualSeq2SeqConfig, ContinualTask
+from jumplora_hf import ContinualCallback, ContinualConfig, ContinualTask
 from jumplora_hf.bench.synthetic import keyword_task, keyword_task_stream
 from jumplora_hf.thresholds import threshold_groups
 from jumplora_hf.zero import gathered_adapters
@@ -79,8 +79,8 @@ class SurvivorProbe(ContinualCallback):
                 self.counts.append([survivors, budget])
 
 
-def continual_args(output_dir, method: str = "jumplora_inclora", **overrides) -> ContinualSeq2SeqConfig:
-    """The tests' ContinualSeq2SeqConfig: batch 4, one epoch per task, lr 1e-2, CPU, a log every step, λ 100 for ELLA."""
+def continual_args(output_dir, method: str = "jumplora_inclora", **overrides) -> ContinualConfig:
+    """The tests' ContinualConfig: batch 4, one epoch per task, lr 1e-2, CPU, a log every step, λ 100 for ELLA."""
     values = dict(
         output_dir=str(output_dir),
         method=method,
@@ -95,4 +95,4 @@ def continual_args(output_dir, method: str = "jumplora_inclora", **overrides) ->
         disable_tqdm=True,
         ella_lambda=[0.0, 100.0, 100.0] if "ella" in method else None,
     )
-    return ContinualSeq2SeqConfig(**{**values, **overrides})
+    return ContinualConfig(**{**values, **overrides})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from ..lifecycle import ContinualCallback
+from ..callback import ContinualCallback
 from ..methods import display_name
 
 

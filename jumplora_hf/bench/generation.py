@@ -1,5 +1,5 @@
 """Evaluating a plain transformers model (a merged or ledger-composed checkpoint) on encoded tasks, outside a
-Trainer: greedy generation, each task scored with its own metric, as `ContinualSeq2SeqTrainer` evaluates; and where
+Trainer: greedy generation, each task scored with its own metric, as `ContinualTrainer` evaluates; and where
 the answers to old tasks come from (their own labels, a later task's, or neither)."""
 
 from __future__ import annotations

@@ -62,15 +62,15 @@ def parse_recipe_args(argv: list[str], default_order: str, prog: str = "recipe",
     recipe, adapters, rest, help_all = parse_light(argv, prog, description, default_order)
     from transformers import HfArgumentParser  # the heavy imports start here, after the light flags are parsed
 
-    from ..continual_config import ContinualSeq2SeqConfig
+    from ..continual_config import ContinualConfig
 
-    parser = HfArgumentParser(ContinualSeq2SeqConfig)
+    parser = HfArgumentParser(ContinualConfig)
     parser.error = lambda message: (_ for _ in ()).throw(RecipeError(message))  # no 250-line usage dump
     if help_all:
         from .recipe_args import light_parser
 
         light_parser(prog, description, default_order).print_help()
-        print("\ntraining (ContinualSeq2SeqConfig):")
+        print("\ntraining (ContinualConfig):")
         parser.print_help()
         sys.exit(0)
     defaults = _training_defaults(recipe.order)
@@ -146,7 +146,8 @@ def log_history_file():
 
 
 def run(recipe: RecipeArguments, adapters, training) -> dict:
-    from .. import ContinualSeq2SeqTrainer, check_target_modules
+    from .. import ContinualTrainer
+    from ..adapters import check_target_modules
     from ..continual_trainer import encode_tasks
     from .cl_benchmark import load_cl_benchmark
     from .reports import write_run_reports
@@ -170,9 +171,7 @@ def run(recipe: RecipeArguments, adapters, training) -> dict:
     with user_errors(training.output_dir):
         check_target_modules(model, peft_config)
         encode_tasks(tasks, tokenizer, bool(model.config.is_encoder_decoder), training, a0)
-        trainer = ContinualSeq2SeqTrainer(
-            model, training, tokenizer, peft_config=peft_config, callbacks=[log_history_file()]
-        )
+        trainer = ContinualTrainer(model, training, tokenizer, peft_config=peft_config, callbacks=[log_history_file()])
     # --resume_from_checkpoint PATH continues from that checkpoint; without it the run dir's latest one is used
     report = trainer.train_continual(
         tasks, single_task_accuracies=a0, resume_from_checkpoint=training.resume_from_checkpoint

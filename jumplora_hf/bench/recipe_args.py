@@ -1,7 +1,7 @@
 """The benchmark recipes' command line, parsed before anything heavy is imported.
 
 `recipes/sc.py --help` lists the recipe's own flags and the adapters' (`JumpLoraArguments`) without importing
-torch; `--help-all` adds every flag of `ContinualSeq2SeqConfig` (the Trainer's). A user error (unknown flag, bad
+torch; `--help-all` adds every flag of `ContinualConfig` (the Trainer's). A user error (unknown flag, bad
 value, no data folder, unknown order) prints one message and a short usage line, and exits with status 2 before
 anything is written.
 """
@@ -142,15 +142,13 @@ def light_parser(prog: str, description: str, default_order: str) -> argparse.Ar
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False
     )
     parser.add_argument("-h", "--help", action="store_true", help="show the recipe's flags and exit")
-    parser.add_argument(
-        "--help-all", action="store_true", help="also list every ContinualSeq2SeqConfig / Trainer flag"
-    )
+    parser.add_argument("--help-all", action="store_true", help="also list every ContinualConfig / Trainer flag")
     _add_dataclass(parser.add_argument_group("recipe"), RecipeArguments, {"order": default_order})
     _add_dataclass(
         parser.add_argument_group("adapters (JumpLoraArguments)"), JumpLoraArguments, RECIPE_ADAPTER_DEFAULTS
     )
     training = parser.add_argument_group(
-        "training (ContinualSeq2SeqConfig: every Seq2SeqTrainingArguments flag too; --help-all lists them)",
+        "training (ContinualConfig: every Seq2SeqTrainingArguments flag too; --help-all lists them)",
         f"  --method {{{','.join(METHODS)}}}   --ella_lambda λ [λ ...] | auto   --tau_lr_multiplier M\n"
         "  --learning_rate   --per_device_train_batch_size   --num_train_epochs   --seed   --output_dir",
     )

@@ -1,6 +1,6 @@
 """Reports of one continual run: its tables and the plots of the paper's Fig. 2-4 (several runs: `aggregation`).
 
-A run directory holds `continual_metrics.json`, which `ContinualSeq2SeqTrainer` rewrites after every task.
+A run directory holds `continual_metrics.json`, which `ContinualTrainer` rewrites after every task.
 `write_run_reports` turns it into CSV/JSON tables and PNG plots. OA, BWT and FWT are always recomputed from the
 accuracy matrix by `jumplora_hf.metrics`. matplotlib is imported only inside the plotting functions, so the
 rest of the package does not need it.
