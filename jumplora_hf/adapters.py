@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import os
 import sys
+import warnings
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -20,6 +21,25 @@ from .model import JumpLoraModel  # noqa: F401 (registers JumpLoRA with PEFT, wh
 from .thresholds import tie_thresholds
 
 
+def check_model_path(path: str) -> None:
+    """A clear error for a model path meant as a local folder that does not exist, before anything asks the Hub.
+
+    A Hub id is `name` or `owner/name`; a path that starts with `.`, `/` or `~`, has more parts, or whose first part
+    is a local folder (`models/nope` next to a `models/` folder) is a local path."""
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        return
+    parts = [p for p in path.replace(os.sep, "/").split("/") if p]
+    local = path.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+    if os.path.isfile(expanded) or local:
+        raise FileNotFoundError(
+            f"no such model folder: {path!r}"
+            + (" (it is a file)" if os.path.isfile(expanded) else "")
+            + ". Pass a folder with config.json and the weights, or a Hub id (owner/name); `make demo` converts an "
+            "offline model into models/SmolLM2-135M-Instruct"
+        )
+
+
 def _resolved_targets(model: torch.nn.Module, config: JumpLoraConfig) -> JumpLoraConfig:
     if config.target_modules is not None:
         return config
@@ -28,6 +48,11 @@ def _resolved_targets(model: torch.nn.Module, config: JumpLoraConfig) -> JumpLor
     if defaults is None:
         raise ValueError(f"no default target_modules for model type {model_type!r}; set target_modules explicitly")
     return dataclasses.replace(config, target_modules=list(defaults))
+
+
+def _closest(name: str, leaves: list[str]) -> list[str]:
+    """Module names close to `name`: by spelling, else by prefix (T5's `q` is Llama's `q_proj`)."""
+    return difflib.get_close_matches(name, leaves, n=3, cutoff=0.5) or [l for l in leaves if l.startswith(f"{name}_")]
 
 
 def _unmatched_names(targets, names: list[str]) -> list[str]:
@@ -48,12 +73,16 @@ def check_target_modules(model: torch.nn.Module, config: JumpLoraConfig) -> list
     if not isinstance(resolved.target_modules, str):
         unmatched = _unmatched_names(sorted(resolved.target_modules), names)
         if unmatched:
-            hints = {t: difflib.get_close_matches(t, leaves, n=3, cutoff=0.5) for t in unmatched}
+            hints = {t: _closest(t, leaves) for t in unmatched}
             described = "; ".join(f"{t!r} (closest: {hints[t]})" if hints[t] else repr(t) for t in unmatched)
-            raise ValueError(
+            error = ValueError(
                 f"target_modules names that match no module of {type(model).__name__}: {described}. Its nn.Linear "
                 f"modules are named {leaves}; fix or remove those names"
             )
+            # the same targets with each unmatched name replaced by its closest match, when every one has one
+            if all(hints[t] for t in unmatched):
+                error.suggestion = [hints[t][0] if t in hints else t for t in sorted(resolved.target_modules)]
+            raise error
     matched = [name for name in names if check_target_module_exists(resolved, name)]
     if not matched:
         raise ValueError(
@@ -118,7 +147,9 @@ def check_target_modules_of_peft_model(model: torch.nn.Module, adapter: str = "d
 def get_jumplora_model(model: torch.nn.Module, config: JumpLoraConfig, adapter_name: str = "default") -> PeftModel:
     """`peft.get_peft_model` after checking the targets, with the thresholds of each group tied."""
     check_target_modules(model, config)
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     tie_thresholds(peft_model, adapter_name)
     return peft_model
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 
@@ -43,6 +44,19 @@ def _per_task_table(report: dict) -> list[str]:
     return lines
 
 
+# beside a local base model: {"base_model": Hub id it came from, "license": ..., "note": how it was derived}
+MODEL_SOURCE_FILE = "model_source.json"
+
+
+def model_source(base: str | None) -> dict:
+    """What a local base model folder says about its origin (empty for a Hub id or a folder without the file)."""
+    path = os.path.join(base, MODEL_SOURCE_FILE) if base and os.path.isdir(base) else None
+    if path is None or not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def build_model_card(
     report: dict,
     run_config: dict,
@@ -56,6 +70,8 @@ def build_model_card(
     method = report["method"]
     base = run_config.get("base_model") or None
     local = run_config.get("base_model_is_local", bool(base) and os.path.isdir(base))
+    source = run_config.get("base_model_source") or {}
+    origin = source.get("base_model") if local else base  # what a reader of the card can download
     auto_class = "AutoModelForSeq2SeqLM" if run_config.get("is_encoder_decoder") else "AutoModelForCausalLM"
     sequence = " → ".join(report["tasks"])
     results = [
@@ -76,11 +92,11 @@ def build_model_card(
     ]
     data = ModelCardData(
         library_name="transformers",
-        base_model=None if local else base,
+        base_model=origin,
         tags=["continual-learning", "jumplora", "lora", "peft", method],
         model_name=repo_id.split("/")[-1],
         eval_results=results or None,
-        license=run_config.get("license"),
+        license=run_config.get("license") or source.get("license"),
     )
     hyper = run_config.get("training", {})
     adapters = run_config.get("adapters", {})
@@ -91,7 +107,7 @@ def build_model_card(
         "",
         f"# {repo_id.split('/')[-1]}",
         "",
-        f"{f'`{base}`' if base else 'A model'}{' (a local checkpoint)' if local else ''} trained on {len(report['tasks'])} tasks in a row with **{display_name(method)}** "
+        f"{f'`{base}`' if base else 'A model'}{' (a local checkpoint' + (f' of `{origin}`: ' + source['note'] if origin and source.get('note') else '') + ')' if local else ''} trained on {len(report['tasks'])} tasks in a row with **{display_name(method)}** "
         f"([JumpLoRA, arXiv 2604.16171]({PAPER}), trained with the `jumplora_hf` package). After each task its "
         "update was merged into the base weights, so this is a plain transformers checkpoint: no adapter is needed.",
         "",
@@ -145,6 +161,15 @@ def build_model_card(
     if plots:
         lines += ["### Plots", ""] + [f"![{os.path.splitext(p)[0].replace('_', ' ')}]({p})" for p in plots] + [""]
     if has_ledger:
+        # a local base is nothing a reader has: they pass the same weights (the exact base, or it will not verify)
+        ledger_base = "BASE_MODEL" if local else base or "BASE_MODEL"
+        if local:
+            lines += [
+                f"The base was the local checkpoint `{base}`"
+                + (f" ({source['note']}, from `{origin}`)" if origin and source.get("note") else "")
+                + "; pass those exact weights as BASE_MODEL: a rebuild is bit-identical only from the same base.",
+                "",
+            ]
         lines += [
             "## The task ledger",
             "",
@@ -155,9 +180,9 @@ def build_model_card(
             "```bash",
             f"hf download {repo_id} --local-dir run",
             "python -m jumplora_hf.ledger show run",
-            f"python -m jumplora_hf.ledger rebuild run --base {base or 'BASE_MODEL'} --out rebuilt",
-            f"python -m jumplora_hf.ledger revert run --base {base or 'BASE_MODEL'} --task {report['tasks'][0]} --out without_{report['tasks'][0]}",
-            f"python -m jumplora_hf.ledger verify run --base {base or 'BASE_MODEL'} --model run",
+            f"python -m jumplora_hf.ledger rebuild run --base {ledger_base} --out rebuilt",
+            f"python -m jumplora_hf.ledger revert run --base {ledger_base} --task {report['tasks'][0]} --out without_{report['tasks'][0]}",
+            f"python -m jumplora_hf.ledger verify run --base {ledger_base} --model run",
             "```",
             "",
         ]

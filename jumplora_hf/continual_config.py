@@ -124,6 +124,17 @@ class ContinualConfig(Seq2SeqTrainingArguments):
                 f"method {self.method!r} needs ella_lambda (one value, one per task, or 'auto'), e.g. 3e4 as in the "
                 "paper's Standard CL runs"
             )
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError(
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) and gradient_accumulation_steps "
+                f"({self.gradient_accumulation_steps}) must be ≥ 1"
+            )
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            raise ValueError(f"num_train_epochs must be > 0 (or max_steps > 0), got {self.num_train_epochs}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError(f"weight_decay ({self.weight_decay}) and warmup_steps ({self.warmup_steps}) must be ≥ 0")
         if not self.tau_lr_multiplier > 0:
             raise ValueError(f"tau_lr_multiplier must be > 0, got {self.tau_lr_multiplier}")
         if self.olora_lambda1 < 0 or self.olora_lambda2 < 0:

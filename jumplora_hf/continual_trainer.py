@@ -32,6 +32,7 @@ from ._compat import (
 from ._deprecation import moved
 from .adapters import get_jumplora_model, save_merged_model
 from .callback import dispatch
+from .card import model_source
 from .config import JumpLoraConfig
 from .continual_config import ContinualConfig
 from .data import ContinualDataCollator, ContinualTask, EncodedTask, encode_task
@@ -343,6 +344,7 @@ class ContinualTrainer(Seq2SeqTrainer):
             "base_model": base,
             # a local folder is no Hub id: the card names it but leaves it out of the metadata the Hub validates
             "base_model_is_local": bool(base) and os.path.isdir(base),
+            "base_model_source": model_source(base),
             "is_encoder_decoder": bool(getattr(self.model.get_base_model().config, "is_encoder_decoder", False)),
             "package_version": __version__,
             "training": training,

@@ -329,8 +329,15 @@ def _add(weight: torch.Tensor, update: LayerUpdate, sign: float) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 def load_model(path: str):
-    """A transformers checkpoint (causal LM or seq2seq) in its own dtype."""
+    """A transformers checkpoint (causal LM or seq2seq) in its own dtype; a clear error for a missing local folder,
+    and for one the Hub cannot give either."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers.utils import logging as hf_logging
+
+    from .adapters import check_model_path
+
+    check_model_path(path)
+    hf_logging.disable_progress_bar()  # one line per command, not the loader's bars
 
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
@@ -405,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             worst = ledger.verify(load_model(args.model), load_model(args.base), tasks)
             print(f"max |model − (base + ledger)| = {worst:.3g}" + ("  (bit-identical)" if worst == 0 else ""))
             return 0 if worst == 0 else 1
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"written: {args.out}")

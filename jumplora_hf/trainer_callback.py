@@ -44,7 +44,19 @@ CONTINUAL_STATE_FILE = "jumplora_continual.safetensors"  # beside a merged model
 
 
 def check_launch(args) -> None:
-    """Refuse several launched processes that the Trainer does not treat as distributed: each would train alone."""
+    """Refuse several launched processes that the Trainer does not treat as distributed (each would train alone), and
+    a GPU launch config (accelerate's `use_cpu: false`) on a machine without a GPU (it would silently train on the
+    CPU, in its bf16)."""
+    if (
+        os.environ.get("ACCELERATE_USE_CPU", "").lower() == "false"
+        and not getattr(args, "use_cpu", False)
+        and not torch.cuda.is_available()
+        and not (hasattr(torch, "xpu") and torch.xpu.is_available())
+    ):
+        raise RuntimeError(
+            "launched with a GPU config (accelerate's use_cpu: false, e.g. accelerate_configs/single_gpu.yaml) on a "
+            "machine without a GPU: launch with `accelerate launch --cpu ...`, or pass use_cpu=True (--use_cpu true)"
+        )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and args.world_size == 1:
         raise RuntimeError(

@@ -184,7 +184,7 @@ def main(argv=None) -> dict[str, dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from jumplora_hf.bench.console import comparison_table
-    from jumplora_hf.bench.gguf import SMOLLM2_GGUF, SMOLLM2_PACKAGE, convert_gguf, packaged_file
+    from jumplora_hf.bench.gguf import SMOLLM2_GGUF, SMOLLM2_PACKAGE, SMOLLM2_SOURCE, convert_gguf, packaged_file
     from jumplora_hf.bench.synthetic import standard_like_stream
 
     if args.fresh and os.path.exists(args.output_root):
@@ -192,10 +192,15 @@ def main(argv=None) -> dict[str, dict]:
         shutil.rmtree(args.output_root)
     if os.path.exists(os.path.join(args.model_dir, "config.json")):
         print(f"reusing the converted model in {args.model_dir} (delete it to convert again)")
+        convert_gguf("", args.model_dir, SMOLLM2_SOURCE)  # an older conversion gets its model_source.json
     else:
         gguf_path = packaged_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF)
-        print(f"converting {gguf_path} into {args.model_dir} (once, about 30 s)", flush=True)
-        convert_gguf(gguf_path, args.model_dir)
+        print(
+            f"converting {gguf_path} (SmolLM2-135M-Instruct, 4-bit Q4_1) into {args.model_dir}, dequantised to "
+            "float32 (once, 20-45 s)",
+            flush=True,
+        )
+        convert_gguf(gguf_path, args.model_dir, SMOLLM2_SOURCE)
         print(f"converted in {time.time() - start:.0f} s")
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)

@@ -1,6 +1,6 @@
 """Offline quickstart: a continual sequence of generated tasks on a tiny T5 built from a config.
 
-Runs in about a minute on 2 CPU cores, needs no download, and prints the accuracy matrix, OA, BWT and
+Runs in 30-60 s on 2 CPU cores, needs no download, and prints the accuracy matrix, OA, BWT and
 the sparsity / overlap of the merged updates.
 
     python recipes/quickstart.py

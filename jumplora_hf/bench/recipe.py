@@ -36,8 +36,13 @@ PAPER_TRAINING_DEFAULTS = dict(
     seed=42,
     logging_steps=10,
     report_to="none",
+    disable_tqdm=True,  # one line per task on the console (and every log in log_history.jsonl)
 )
 METRICS_FILE = "continual_metrics.json"
+SMALL_MODEL = os.path.join("models", "SmolLM2-135M-Instruct")  # what `make demo` converts
+SMALL_TRAINING = dict(
+    max_steps=2, per_device_train_batch_size=8, per_device_eval_batch_size=16, max_source_length=128, logging_steps=1
+)
 
 
 @contextlib.contextmanager
@@ -74,6 +79,13 @@ def parse_recipe_args(argv: list[str], default_order: str, prog: str = "recipe",
         parser.print_help()
         sys.exit(0)
     defaults = _training_defaults(recipe.order)
+    if adapters.jumplora_method is not None:
+        raise RecipeError(
+            f"--jumplora_method is for Trainer scripts (JumpLoraArguments); the recipes take --method (here: "
+            f"--method {adapters.jumplora_method})"
+        )
+    if recipe.small:
+        _make_small(recipe, adapters, defaults)
     with user_errors():
         if isinstance(rest, dict):
             (training,) = parser.parse_dict({**defaults, **rest})
@@ -89,8 +101,27 @@ def parse_recipe_args(argv: list[str], default_order: str, prog: str = "recipe",
     return recipe, adapters, training
 
 
+def _make_small(recipe: RecipeArguments, adapters, defaults: dict) -> None:
+    """--small: the offline model and a few steps per task, where the flags left the paper's values."""
+    from .recipe_args import RECIPE_ADAPTER_DEFAULTS
+
+    if recipe.model_name_or_path == RecipeArguments.model_name_or_path:
+        if not os.path.isdir(SMALL_MODEL):
+            raise RecipeError(
+                f"--small uses the offline model in {SMALL_MODEL}, which is not there yet: run `make demo` once (it "
+                "converts it, about 30 s), or pass --model_name_or_path"
+            )
+        recipe.model_name_or_path = SMALL_MODEL
+    if adapters.jumplora_target_modules == RECIPE_ADAPTER_DEFAULTS["jumplora_target_modules"]:
+        adapters.jumplora_target_modules = ["q_proj", "v_proj"]
+    recipe.max_train_examples = recipe.max_train_examples or 16
+    recipe.max_eval_examples = recipe.max_eval_examples or 16
+    defaults.update(SMALL_TRAINING)
+
+
 def default_run_dir(recipe: RecipeArguments, training, name: str) -> str:
-    return os.path.join("runs", recipe.order.replace(",", "-"), name, f"seed{training.seed}")
+    root = os.path.join("runs", "small") if recipe.small else "runs"
+    return os.path.join(root, recipe.order.replace(",", "-"), name, f"seed{training.seed}")
 
 
 def read_single_task_accuracies(run_dir: str | None, task_names: list[str], explicit: bool) -> list[float] | None:
@@ -117,6 +148,12 @@ def _load_model(path: str):
 
     hf_logging.disable_progress_bar()  # a log file gets the run's lines, not the loader's progress bars
 
+    from ..adapters import check_model_path
+
+    try:
+        check_model_path(path)
+    except FileNotFoundError as error:
+        raise RecipeError(str(error)) from None
     try:
         config = AutoConfig.from_pretrained(path)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
@@ -146,10 +183,14 @@ def log_history_file():
 
 
 def run(recipe: RecipeArguments, adapters, training) -> dict:
+    from transformers import PrinterCallback
+
     from .. import ContinualTrainer
     from ..adapters import check_target_modules
     from ..continual_trainer import encode_tasks
+    from ..methods import display_name
     from .cl_benchmark import load_cl_benchmark
+    from .console import TaskProgress
     from .reports import write_run_reports
 
     with user_errors():
@@ -169,9 +210,18 @@ def run(recipe: RecipeArguments, adapters, training) -> dict:
             a0 = read_single_task_accuracies(run_dir, [t.name for t in tasks], explicit)
     model, tokenizer = _load_model(recipe.model_name_or_path)
     with user_errors(training.output_dir):
-        check_target_modules(model, peft_config)
+        try:
+            check_target_modules(model, peft_config)
+        except ValueError as error:  # the message says which names exist; here they are set with a flag
+            suggestion = getattr(error, "suggestion", None)
+            hint = f" With the recipes: --jumplora_target_modules {' '.join(suggestion)}" if suggestion else ""
+            raise ValueError(f"{error}.{hint}") from None
         encode_tasks(tasks, tokenizer, bool(model.config.is_encoder_decoder), training, a0)
-        trainer = ContinualTrainer(model, training, tokenizer, peft_config=peft_config, callbacks=[log_history_file()])
+        progress = TaskProgress(len(tasks), display_name(training.method))
+        trainer = ContinualTrainer(
+            model, training, tokenizer, peft_config=peft_config, callbacks=[log_history_file(), progress]
+        )
+        trainer.remove_callback(PrinterCallback)  # a line per task instead of every log (log_history.jsonl has them)
     # --resume_from_checkpoint PATH continues from that checkpoint; without it the run dir's latest one is used
     report = trainer.train_continual(
         tasks, single_task_accuracies=a0, resume_from_checkpoint=training.resume_from_checkpoint
@@ -183,7 +233,26 @@ def run(recipe: RecipeArguments, adapters, training) -> dict:
             write_run_reports(training.output_dir, report)  # matrix CSV/JSON, per-task CSV, plots
         if training.push_to_hub and str(getattr(training.hub_strategy, "value", training.hub_strategy)) == "end":
             trainer.push_to_hub()  # every process: the merged model is gathered under ZeRO-3
+    if trainer.is_world_process_zero():
+        _summary(report, training, recipe)
     return report
+
+
+def _summary(report: dict, training, recipe: RecipeArguments) -> None:
+    """The end of a run on the console: the matrix, OA / BWT / FWT, the updates, and where everything went."""
+    from .console import print_report
+
+    out = training.output_dir
+    if report.get("single_task_baselines"):
+        print("\nsingle-task accuracies (a0): " + "  ".join(f"{a:.3f}" for a in report["single_task_accuracies"]))
+    else:
+        print_report(report)
+        fwt = report.get("forward_transfer")
+        print(f"FWT {fwt:+.3f}" if fwt is not None else "FWT: no single-task baselines (--single_task_baselines true)")
+    print(
+        f"\nwritten to {out}/: continual_metrics.json, accuracy_matrix.csv/.json, per_task.csv, the plots, ledger/, "
+    )
+    print("  log_history.jsonl, the resume state" + (", merged/ (the merged model)" if recipe.save_merged else ""))
 
 
 def main(default_order: str, argv: list[str] | None = None, prog: str | None = None, description: str = "") -> dict:

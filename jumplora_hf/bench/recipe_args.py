@@ -63,6 +63,16 @@ class RecipeArguments:
         default=True,
         metadata={"help": "Save the final merged model to <output_dir>/merged (a plain transformers checkpoint)."},
     )
+    small: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "A small offline run of a few minutes: the model `make demo` converts (models/SmolLM2-135M-Instruct), "
+                "q_proj/v_proj, 16 training and 16 evaluation examples and 2 steps per task, batch 8, source 128 "
+                "tokens, into runs/small/...; any of these given explicitly wins."
+            )
+        },
+    )
     single_task_dir: str = field(
         default=AUTO,
         metadata={
