@@ -51,8 +51,10 @@ def _resolved_targets(model: torch.nn.Module, config: JumpLoraConfig) -> JumpLor
 
 
 def _closest(name: str, leaves: list[str]) -> list[str]:
-    """Module names close to `name`: by spelling, else by prefix (T5's `q` is Llama's `q_proj`)."""
-    return difflib.get_close_matches(name, leaves, n=3, cutoff=0.5) or [l for l in leaves if l.startswith(f"{name}_")]
+    """Module names close to `name`: by spelling, else by prefix (T5's `q` is Llama's `q_proj`, and the reverse)."""
+    return difflib.get_close_matches(name, leaves, n=3, cutoff=0.5) or [
+        leaf for leaf in leaves if leaf.startswith(f"{name}_") or name.startswith(f"{leaf}_")
+    ]
 
 
 def _unmatched_names(targets, names: list[str]) -> list[str]:

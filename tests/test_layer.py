@@ -301,6 +301,7 @@ def test_plain_get_peft_model_ties_the_thresholds():
     [
         (["query_proj"], r"match no module.*'query_proj'.*'q'.*'v'"),
         (["q", "vv"], r"match no module.*'vv' \(closest: \['v'"),
+        (["q_proj", "v_proj"], r"'q_proj' \(closest: \['q'\]\); 'v_proj' \(closest: \['v'\]\)"),  # Llama's names on T5
         (["q", "lm_head"], "shares its weight"),
     ],
 )

@@ -151,3 +151,13 @@ def test_every_entry_point_sets_the_openmp_default_before_torch():
         assert first_heavy is None or setdefault < first_heavy, (
             f"{path} imports a heavy package before OMP_WAIT_POLICY"
         )
+
+
+def test_the_package_metadata_and_the_module_give_one_version():
+    import re
+
+    import jumplora_hf
+
+    with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:  # tomllib is Python 3.11+
+        declared = re.search(r'^version = "([^"]+)"', f.read(), re.MULTILINE).group(1)
+    assert declared == jumplora_hf.__version__
