@@ -374,6 +374,17 @@ def _try_lock(run: Run):
     return handle
 
 
+def native_cpu_kernels() -> dict[str, str]:
+    """The machine's own CPU kernels for the runs (a value set by the user is kept; MKL then keeps its default path):
+    the experiments' runs so far used them, before the recipes pinned AVX2 kernels on x86-64 (recipes/demo.py says
+    why); a run of a comparison must compute as the others did (docs/RESULTS.md, amendment 3)."""
+    import torch
+
+    return {
+        "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", torch.backends.cpu.get_cpu_capability().lower())
+    }
+
+
 def work(plan_name: str = "main") -> None:
     env = {
         **os.environ,
@@ -383,6 +394,7 @@ def work(plan_name: str = "main") -> None:
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": ROOT,
+        **native_cpu_kernels(),
     }
     while True:
         waiting = False

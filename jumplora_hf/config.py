@@ -113,6 +113,11 @@ class JumpLoraConfig(LoraConfig):
                 f"lora_dropout={self.lora_dropout} is not supported with use_jumprelu=True: the gate acts on the "
                 "dense ΔW, which cannot take input dropout without a second matmul; set lora_dropout=0"
             )
+        if getattr(self, "target_parameters", None):
+            problems.append(
+                f"target_parameters={self.target_parameters!r} is not supported: JumpLoRA adapts nn.Linear modules; "
+                "name them in target_modules"
+            )
         if self.use_dora or self.lora_bias or self.fan_in_fan_out:
             problems.append("use_dora, lora_bias and fan_in_fan_out are not supported by JumpLoRA; set them to False")
         if self.init_lora_weights is not True:

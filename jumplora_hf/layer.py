@@ -162,11 +162,19 @@ class JumpLoraLinear(LoraLinear):
             if adapter_name in state:
                 del state[adapter_name]
 
+    # τ follows its adapter's A and B in PEFT's trainability rules (it is not in `adapter_layer_names`, see above)
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=inference_mode)
         active = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
         for adapter, param in self.lora_log_tau.items():
             param.requires_grad_(adapter in active and not inference_mode)
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for adapter, param in self.lora_log_tau.items():
+            if adapter in names:
+                param.requires_grad_(requires_grad)
 
     # ----------------------------------------------------------------- the gate's state
     def is_jump(self, adapter: str) -> bool:

@@ -22,12 +22,12 @@ import os
 import platform
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep instead of spinning
-if platform.machine().lower() in ("x86_64", "amd64"):
+if platform.machine().lower() in ("x86_64", "amd64") and "ATEN_CPU_CAPABILITY" not in os.environ:
     # The same CPU kernels on every x86-64 machine: PyTorch runs AVX-512 kernels where the CPU has them and AVX2 ones
     # elsewhere, and the two round differently (8e-7 on a tiny model's weights after one task); over a few tasks
     # that changed the demo's answers between two machines of one kind. MKL_CBWR pins MKL's code path the same way.
-    # A value the user set is kept; GPU kernels are not affected.
-    os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+    # Kernels the user chose (ATEN_CPU_CAPABILITY set) are kept, MKL's path with them; GPU kernels are not affected.
+    os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
     os.environ.setdefault("MKL_CBWR", "AVX2")
 
 import argparse  # noqa: E402

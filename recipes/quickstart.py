@@ -15,8 +15,8 @@ import os
 import platform
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep instead of spinning
-if platform.machine().lower() in ("x86_64", "amd64"):  # one set of CPU kernels on every x86-64 CPU: see demo.py
-    os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+if platform.machine().lower() in ("x86_64", "amd64") and "ATEN_CPU_CAPABILITY" not in os.environ:
+    os.environ["ATEN_CPU_CAPABILITY"] = "avx2"  # one set of CPU kernels on every x86-64 CPU: see demo.py
     os.environ.setdefault("MKL_CBWR", "AVX2")
 
 import argparse

@@ -216,6 +216,26 @@ def test_second_adapter_and_delete(arch, mode, fused):
     )  # PEFT keeps no active adapter
 
 
+def test_tau_follows_peft_trainability_rules(tmp_path):
+    # PEFT: set_requires_grad freezes or unfreezes an adapter; load_adapter(is_trainable=True) leaves the new,
+    # inactive adapter trainable. τ must follow its adapter's A and B in both.
+    model = get_jumplora_model(TINY_MODELS["t5"](), JumpLoraConfig(target_modules=["q", "v"]))
+    model.save_pretrained(tmp_path)
+    model = PeftModel.from_pretrained(TINY_MODELS["t5"](), tmp_path, is_trainable=True)
+    model.load_adapter(tmp_path, adapter_name="other", is_trainable=True)
+    model.load_adapter(tmp_path, adapter_name="frozen", is_trainable=False)
+
+    def trainable(adapter: str) -> set[bool]:
+        return {p.requires_grad for n, p in model.named_parameters() if n.endswith(f".{adapter}")}
+
+    assert trainable("default") == trainable("other") == {True} and trainable("frozen") == {False}
+    assert all(layer.lora_log_tau["other"].requires_grad for _, layer in iter_jumplora_layers(model))
+    model.base_model.set_requires_grad(["default", "other"], requires_grad=False)
+    assert trainable("default") == trainable("other") == {False}
+    model.base_model.set_requires_grad("other")
+    assert trainable("other") == {True} and trainable("default") == {False}
+
+
 @pytest.mark.parametrize("arch", ["t5", "llama"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_model(arch, dtype):
@@ -326,6 +346,7 @@ def test_a_typo_in_one_llama_target_is_refused_with_the_closest_name():
         ({"lora_dropout": 0.1}, "lora_dropout"),
         ({"jump_bandwidth": 0.0}, "jump_bandwidth"),
         ({"use_dora": True}, "use_dora"),
+        ({"target_modules": [], "target_parameters": ["q.weight"]}, "target_parameters"),
     ],
 )
 def test_bad_config_is_refused(kwargs, message):
