@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+import numpy as np
 import torch
 from peft.tuners.osf import OSFLayer
 from peft.tuners.osf.utils import decompose_weight_matrix
@@ -48,6 +49,7 @@ from .entries import (
     weight_partition,
     write_weight_entries,
 )
+from .metrics import pack_support
 from .updates import LayerUpdate, MergedTaskUpdate
 from .zero import gathered
 
@@ -254,10 +256,10 @@ class OsfSequence:
         copies are zeroed (the adapter adds exactly 0). The factors must be whole on every process
         (`zero.writing_adapters`); each process writes its own entries of W. `on_layer` (main process) receives each
         layer's exact update (the ledger); the support statistics are those of the other methods' merges."""
-        from .lifecycle import SupportTally
+        from .lifecycle import _sum_over_partitions
 
         update, main = MergedTaskUpdate(), is_main_process()
-        supports = SupportTally(update, previous)
+        counts, partitions = [], []
         for name, layer in iter_osf_layers(model):
             with torch.no_grad():
                 delta = layer.get_delta_weight(self.adapter).float()
@@ -274,9 +276,24 @@ class OsfSequence:
                 update.workspace_bytes, delta.numel() * delta.element_size() + support.numel()
             )
             del delta
-            supports.add(name, support, partition)
+            packed = pack_support(support.cpu().numpy())
+            update.supports[name] = packed
+            update.numels[name] = partition.numel
+            row = [int(np.bitwise_count(packed).sum())]
+            for past in previous:
+                row += [
+                    int(np.bitwise_count(packed & past.supports[name]).sum()),
+                    int(np.bitwise_count(packed | past.supports[name]).sum()),
+                ]
+            counts.append(row)
+            partitions.append(partition)
             self.clear(layer)
-        supports.finish()
+        _sum_over_partitions(counts, partitions)
+        for (name, _), row in zip(update.numels.items(), counts):
+            update.nonzeros[name] = row[0]
+            if previous:
+                pairs = [(row[1 + 2 * p], row[2 + 2 * p]) for p in range(len(previous))]
+                update.jaccard[name] = float(np.mean([inter / union if union else 0.0 for inter, union in pairs]))
         return update
 
     @torch.no_grad()
