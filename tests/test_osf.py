@@ -240,16 +240,6 @@ def test_ledger_rebuilds_and_verifies_the_merged_model(tmp_path):
     assert [row["sparsity"] for row in ledger.summary()] == [pytest.approx(0.0, abs=1e-2)] * 3
 
 
-def test_single_task_baselines_train_every_task_from_the_base_with_task_one_budget(tmp_path):
-    boundaries = _Boundaries()
-    report = _trainer(tmp_path, callbacks=[boundaries], single_task_baselines=True).train_continual(task_stream(3))
-    base = {name: m.weight.detach() for name, m in _model().named_modules() if name.endswith(tuple(TARGETS))}
-    for start in boundaries.starts:
-        assert all(torch.equal(start[name], base[name]) for name in base)
-    ranks = [t["osf_preserved_rank"] for t in report["per_task"]]
-    assert ranks[0] == ranks[1] == ranks[2] and sorted(set(ranks[0].values())) == [2, 5]  # k_1 of 16 and 32
-
-
 @pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5, -0.1])
 def test_a_fraction_outside_zero_one_is_refused(tmp_path, fraction):
     with pytest.raises(ValueError, match="osf_max_preserved_fraction must be in"):
