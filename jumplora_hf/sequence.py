@@ -74,20 +74,11 @@ class TaskSequence(TrainerCallback):
         for _, layer in iter_jumplora_layers(model):  # γ and τ of the adapters a checkpoint may have restored
             for adapter in layer.lora_gate_state:
                 layer.sync_gate_mirrors(adapter)
-        if self.osf is not None:  # the frozen SVD tensors of a task the checkpoint is inside of or ends (unmerged)
-            unfinished = next(
-                (
-                    s
-                    for s in self.spans
-                    if s.first_step < state.global_step <= s.end_step and not self.record.has_finished(s.index)
-                ),
-                None,
-            )
-            if unfinished is not None:
-                self.osf.restore(model, unfinished.index)
         inside = next((s for s in self.spans if s.first_step < state.global_step < s.end_step), None)
         if inside is not None:
             self.current = inside
+            if self.osf is not None:  # the frozen SVD tensors, which no checkpoint holds
+                self.osf.restore(model, inside.index)
             callbacks = self.callbacks()
             dispatch(
                 callbacks,

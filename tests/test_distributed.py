@@ -327,12 +327,9 @@ FAULT_ARGS = ["--method", "jumplora_ella", "--optim", "adamw_torch", "--steps_pe
 FAULT_POINTS = ["checkpoint:12", "step:7", "merge", "state", "evaluation"]  # of task 2 (optimizer steps 10-19)
 FAULT_CASES = [("single", p) for p in FAULT_POINTS] + [("zero3", p) for p in FAULT_POINTS]
 FAULT_CASES += [("ddp", "step:7"), ("zero2", "step:7")]
-# method osf ("<backend>+osf"): its frozen SVD tensors are recomputed on a restart inside a task
-FAULT_CASES += [("zero3+osf", "step:7"), ("zero3+osf", "merge"), ("ddp+osf", "step:7")]
 
 
 def _fault_command(backend: str) -> list[str]:
-    backend = backend.split("+")[0]
     if backend == "single":
         return [sys.executable]
     return launch_command(BACKENDS[backend], 2)
@@ -341,8 +338,6 @@ def _fault_command(backend: str) -> list[str]:
 def _fault_run(out, backend, extensions_dir, pause=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(extensions_dir)}
     command = [*_fault_command(backend), RUNNER, str(out), *FAULT_ARGS]
-    if backend.endswith("+osf"):
-        command += ["--method", "osf"]  # the last --method wins
     if pause is None:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
