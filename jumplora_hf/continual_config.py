@@ -156,6 +156,11 @@ class ContinualConfig(Seq2SeqTrainingArguments):
                 f"osf_max_preserved_fraction must be in (0, 1), got {self.osf_max_preserved_fraction} (the last task "
                 "preserves that fraction of each weight's rank and trains in the rest)"
             )
+        if method.osf and self.ella_lambda:
+            raise ValueError(
+                "method 'osf' has no ELLA term: leave ella_lambda unset (ELLA regularises LoRA updates against the "
+                "earlier ones; OSF keeps each update orthogonal to the preserved singular directions instead)"
+            )
         if not self.ella_target_ratio > 0:
             raise ValueError(f"ella_target_ratio must be > 0, got {self.ella_target_ratio}")
         if not self.predict_with_generate:

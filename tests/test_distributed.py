@@ -93,7 +93,7 @@ TWO_PROCESS_CASES = [
     for backend in sorted(BACKENDS)
     for method in ("inclora", "jumplora_ella")
     if not (backend == "zero3_multi_node" and method == "inclora")
-] + [("ddp", "olora"), ("zero3", "jumplora_olora"), ("ddp", "osf"), ("zero2", "osf"), ("zero3", "osf")]
+] + [("ddp", "olora"), ("zero3", "jumplora_olora")]
 
 
 @pytest.mark.parametrize(("backend", "method"), TWO_PROCESS_CASES)

@@ -234,10 +234,8 @@ def test_senseless_combinations_are_refused(tmp_path):
             tokenizer(),
             peft_config=JumpLoraConfig(target_modules=TARGETS, use_jumprelu=True),
         )
-    from jumplora_hf.methods import get_method
-
-    osf = get_method("osf")
-    assert (osf.display_name, osf.jump_gate, osf.ella, osf.olora) == ("OSF (PEFT)", False, False, False)
+    with pytest.raises(ValueError, match="has no ELLA term"):
+        _args(tmp_path, ella_lambda=["3e4"])
     with pytest.raises(ValueError, match="pass the base model"):
         wrapped = get_peft_model(_model(), OSFConfig(target_modules=TARGETS))
         assert isinstance(wrapped, PeftModel)
