@@ -41,6 +41,7 @@ __all__ = [
     "has_zero_fp32_fragment",
     "is_zero3_param",
     "loss_is_scaled_for_ga",
+    "osf_frozen_tensors",
     "prepare_inputs",
     "register_custom_lora_layer",
     "start_training_at_step",
@@ -107,6 +108,18 @@ def called_from_add_weighted_adapter() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+# PEFT's OSFLayer keeps its frozen per-adapter tensors in private BufferDicts (its `other_param_names`): the SVD's
+# initial low-rank factors (the reference of `get_delta_weight`, and the projector of a square factor) and U_high /
+# V_high of a non-square factor (only when that factor is not square).
+OSF_BUFFER_NAMES = ("_osf_U_low_init", "_osf_S_low_init", "_osf_V_low_init", "_osf_U_high", "_osf_V_high")
+
+
+def osf_frozen_tensors(layer) -> dict[str, BufferDict]:
+    """The BufferDicts of a PEFT OSF layer, by attribute name. PEFT registers their entries non-persistent: neither
+    the state dict nor a Trainer checkpoint holds them."""
+    return {name: getattr(layer, name) for name in OSF_BUFFER_NAMES}
 
 
 # ----------------------------------------------------------------------------- transformers Trainer attributes

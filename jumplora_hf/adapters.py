@@ -189,8 +189,8 @@ def merged_base_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     """A PeftModel state dict without the (empty) adapters, with the plain model's key names."""
     out = {}
     for key, value in state.items():
-        if ".lora_" in key:
-            continue  # the adapters are empty (B = 0) after a task's merge
+        if ".lora_" in key or ".osf_svd_params." in key or "._osf_" in key:
+            continue  # the adapters are empty (B = 0; OSF: zero factors) after a task's merge
         out[key.removeprefix("base_model.model.").replace(".base_layer.", ".")] = value
     return out
 

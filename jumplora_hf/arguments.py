@@ -27,7 +27,7 @@ class JumpLoraArguments:
                 "jumplora_ella or ella (with --jumplora_ella_lambda). Unset: jumplora_inclora. The recipes and "
                 "ContinualTrainer take --method instead."
             ),
-            "choices": sorted(m for m in METHODS if not METHODS[m].olora),
+            "choices": sorted(m for m in METHODS if not (METHODS[m].olora or METHODS[m].osf)),
         },
     )
     jumplora_ella_lambda: list[str] | None = field(

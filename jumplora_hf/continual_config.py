@@ -69,6 +69,16 @@ class ContinualConfig(Seq2SeqTrainingArguments):
         default=0.0,
         metadata={"help": "O-LoRA methods: weight of the L2 term ‖A_t‖₂ + ‖B_t‖₂ (O-LoRA's scripts: 0)."},
     )
+    osf_max_preserved_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": (
+                "Method osf: f, the fraction of min(d_out, d_in) preserved by the last task; task t of n (1-based) "
+                "preserves the top ⌊f·min(d_out, d_in)·t/n⌋ singular directions of the current weight (PEFT's "
+                "progressive budget) and trains in their orthogonal complement. 0 < f < 1."
+            )
+        },
+    )
     max_source_length: int = field(
         default=512, metadata={"help": "Prompt length in tokens; only the input text is truncated."}
     )
@@ -141,6 +151,11 @@ class ContinualConfig(Seq2SeqTrainingArguments):
             raise ValueError(
                 f"olora_lambda1 and olora_lambda2 must be ≥ 0, got {self.olora_lambda1}, {self.olora_lambda2}"
             )
+        if not 0 < self.osf_max_preserved_fraction < 1:
+            raise ValueError(
+                f"osf_max_preserved_fraction must be in (0, 1), got {self.osf_max_preserved_fraction} (the last task "
+                "preserves that fraction of each weight's rank and trains in the rest)"
+            )
         if not self.ella_target_ratio > 0:
             raise ValueError(f"ella_target_ratio must be > 0, got {self.ella_target_ratio}")
         if not self.predict_with_generate:
@@ -157,6 +172,10 @@ class ContinualConfig(Seq2SeqTrainingArguments):
     @property
     def uses_olora(self) -> bool:
         return get_method(self.method).olora
+
+    @property
+    def uses_osf(self) -> bool:
+        return get_method(self.method).osf
 
     @property
     def auto_ella_lambda(self) -> bool:

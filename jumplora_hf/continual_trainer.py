@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,9 +38,9 @@ from .config import JumpLoraConfig
 from .continual_config import ContinualConfig
 from .data import ContinualDataCollator, ContinualTask, EncodedTask, encode_task
 from .ella import EllaRegularizer
-from .layer import iter_jumplora_layers
 from .methods import get_method
 from .olora import OLoraRegularizer
+from .osf import OsfSequence, allocate_osf, iter_adapted_layers, iter_osf_layers
 from .record import ContinualRecord
 from .resume import find_resume_point
 from .run_directory import RunDirectory
@@ -80,7 +81,11 @@ class ContinualTrainer(Seq2SeqTrainer):
             raise ValueError("optimizers cannot be passed: every task starts a fresh optimizer state built from args")
         if processing_class.pad_token_id is None:
             processing_class.pad_token = processing_class.eos_token
-        model = self._wrap_with_adapters(model, args, peft_config)
+        model = (
+            self._wrap_with_osf(model, peft_config)
+            if args.uses_osf
+            else self._wrap_with_adapters(model, args, peft_config)
+        )
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         kwargs.setdefault(
             "data_collator", ContinualDataCollator(processing_class.pad_token_id, self.is_encoder_decoder)
@@ -114,6 +119,7 @@ class ContinualTrainer(Seq2SeqTrainer):
         self._first_step = 0
         self.task_sequence: TaskSequence | None = None
         self.record: ContinualRecord | None = None
+        self._osf_tasks: int | None = None  # method osf: the sequence length its fixed shapes were allocated for
 
     @staticmethod
     def _wrap_with_adapters(model, args: ContinualConfig, peft_config: JumpLoraConfig | None) -> PeftModel:
@@ -131,6 +137,45 @@ class ContinualTrainer(Seq2SeqTrainer):
             return model
         config = (peft_config if peft_config is not None else JumpLoraConfig()).with_gate(gate, args.method)
         return get_jumplora_model(model, config)
+
+    @staticmethod
+    def _wrap_with_osf(model, peft_config) -> PeftModel:
+        """Method osf: PEFT's own OSF layers on the targets the other methods adapt (`peft_config`'s target_modules:
+        a JumpLoraConfig's, whose other fields do not apply, or an OSFConfig's; default: PEFT's LoRA targets of the
+        model type). Their shapes are set for the sequence by `train_continual` (osf.allocate_osf)."""
+        from peft import OSFConfig, get_peft_model
+
+        from .adapters import check_target_modules
+        from .zero import gathered
+
+        if isinstance(model, PeftModel):
+            raise ValueError(
+                "method 'osf' wraps the base model with PEFT's OSFConfig itself (its shapes are fixed for the "
+                "sequence); pass the base model, and the targets as peft_config"
+            )
+        if isinstance(peft_config, JumpLoraConfig) and peft_config.use_jumprelu and not peft_config.gate_from_method:
+            raise ValueError(
+                "method 'osf' has no JumpReLU gate: JumpLoraConfig(use_jumprelu=True) conflicts with it; leave "
+                "use_jumprelu unset (only the config's target_modules are used)"
+            )
+        if peft_config is not None and not isinstance(peft_config, (JumpLoraConfig, OSFConfig)):
+            raise TypeError(
+                f"method 'osf' takes its targets from a JumpLoraConfig or OSFConfig, not {type(peft_config)}"
+            )
+        targets = JumpLoraConfig(target_modules=getattr(peft_config, "target_modules", None))
+        matched = check_target_modules(model, targets)
+        targets = getattr(peft_config, "target_modules", None) or sorted({n.rsplit(".", 1)[-1] for n in matched})
+        modules = dict(model.named_modules())
+        # PEFT decomposes each weight when it wraps it: under ZeRO-3 a model built partitioned is gathered here (the
+        # shapes are placeholders, replaced by allocate_osf; effective_rank 1 is valid for any weight)
+        with gathered([modules[n].weight for n in matched]):
+            with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                wrapped = get_peft_model(model, OSFConfig(target_modules=targets, effective_rank=1))
+        sequence = OsfSequence(0.5, 1)
+        for _, layer in iter_osf_layers(wrapped):
+            sequence.clear(layer)  # exactly no update until a task begins
+        return wrapped
 
     @property
     def task_index(self) -> int:
@@ -179,6 +224,17 @@ class ContinualTrainer(Seq2SeqTrainer):
             self.args.max_steps,
             names=names,
         )
+        osf = None
+        if self.args.uses_osf:
+            if self._osf_tasks not in (None, len(encoded)):
+                raise ValueError(
+                    f"this trainer's OSF shapes were fixed for {self._osf_tasks} tasks (the engine exists); train "
+                    f"{len(encoded)} tasks with a new ContinualTrainer"
+                )
+            if self._osf_tasks is None:
+                allocate_osf(self.model, self.args.osf_max_preserved_fraction, len(encoded))
+                self._osf_tasks = len(encoded)
+            osf = OsfSequence(self.args.osf_max_preserved_fraction, len(encoded), self.args.single_task_baselines)
         if finished == len(encoded):
             self._say_resumed(saved, spans, None)
             restore_run_tensors(self.model, saved, weights=restore_weights)
@@ -197,10 +253,10 @@ class ContinualTrainer(Seq2SeqTrainer):
             if point.checkpoint is None and point.step > 0:
                 start_training_at_step(self, point.step)  # the sampler leaves out the steps before it
             if self.args.single_task_baselines:  # this process's entries of the base weights
-                base_weights.update({n: layer.merged_weight().clone() for n, layer in iter_jumplora_layers(model)})
+                base_weights.update({n: layer.merged_weight().clone() for n, layer in iter_adapted_layers(model)})
 
         def back_to_base(model) -> None:
-            for name, layer in iter_jumplora_layers(model):
+            for name, layer in iter_adapted_layers(model):
                 layer.restore_merged_weight(base_weights[name])
                 layer.restore_w_past(None)
                 layer.olora_past_A = None
@@ -225,6 +281,7 @@ class ContinualTrainer(Seq2SeqTrainer):
             start=start,
             run=run,
             resumed_listeners=point.listeners,
+            osf=osf,
         )
         fingerprints = {t.name: {"data_fingerprint": run["fields"]["tasks"][t.name]["train"]} for t in encoded}
         run_dir = RunDirectory(
@@ -296,6 +353,9 @@ class ContinualTrainer(Seq2SeqTrainer):
         )
         adapters = {key: getattr(config, key, None) for key in ADAPTER_FIELDS}
         adapters["target_modules"] = sorted(config.target_modules) if config.target_modules else None
+        if args.uses_osf:  # only for osf: the fingerprints of the other methods' runs stay as they were
+            adapters["osf_max_preserved_fraction"] = args.osf_max_preserved_fraction
+            adapters["osf_num_tasks"] = len(encoded)  # the budget of every task depends on n
         fields = {
             "model": getattr(base, "_name_or_path", None),
             "model_config_sha256": hashlib.sha256(
@@ -329,15 +389,15 @@ class ContinualTrainer(Seq2SeqTrainer):
             )
         }
         training["world_size"] = args.world_size
-        adapters = {
-            "r": config.r,
-            "lora_alpha": config.lora_alpha,
-            "target_modules": sorted(config.target_modules),
-            "threshold_mode": config.threshold_mode,
-            "s_start": config.s_start,
-            "s_final": config.s_final,
-            "jump_bandwidth": config.jump_bandwidth,
-        }
+        if args.uses_osf:
+            training["osf_max_preserved_fraction"] = args.osf_max_preserved_fraction
+            adapters = {
+                "peft_type": "OSF",
+                "target_modules": sorted(config.target_modules),
+                "osf_max_preserved_fraction": args.osf_max_preserved_fraction,
+            }
+        else:
+            adapters = self._lora_run_config(config)
         from . import __version__
 
         return {
@@ -349,6 +409,18 @@ class ContinualTrainer(Seq2SeqTrainer):
             "package_version": __version__,
             "training": training,
             "adapters": adapters,
+        }
+
+    @staticmethod
+    def _lora_run_config(config) -> dict:
+        return {
+            "r": config.r,
+            "lora_alpha": config.lora_alpha,
+            "target_modules": sorted(config.target_modules),
+            "threshold_mode": config.threshold_mode,
+            "s_start": config.s_start,
+            "s_final": config.s_final,
+            "jump_bandwidth": config.jump_bandwidth,
         }
 
     def push_to_hub(

@@ -92,7 +92,7 @@ def end_task(
     """
     update = MergedTaskUpdate()
     main = is_main_process()
-    counts, partitions = [], []
+    supports = SupportTally(update, previous)
     for name, layer in iter_jumplora_layers(model):
         if adapter not in layer.lora_A:
             continue
@@ -109,36 +109,48 @@ def end_task(
         if on_layer is not None and main:
             on_layer(name, dense if dense is not None else _sparse_update(layer, adapter, final))
         del final
-        packed = pack_support(local.cpu().numpy())
+        supports.add(name, local, partition)
         del local
-        update.supports[name] = packed
-        update.numels[name] = partition.numel
+    supports.finish()
+    return update
+
+
+class SupportTally:
+    """The supports of one task's merged updates, layer by layer: each layer's bits (this process's entries) and the
+    counts behind its sparsity and its overlap with the earlier tasks' supports (`previous`), summed at `finish()`
+    over the processes that share a layer's entries (one all-reduce)."""
+
+    def __init__(self, update: MergedTaskUpdate, previous: Sequence[MergedTaskUpdate]):
+        self.update, self.previous = update, previous
+        self.counts: list[list[int]] = []
+        self.partitions: list = []
+
+    def add(self, name: str, local_support: torch.Tensor, partition) -> None:
+        packed = pack_support(local_support.cpu().numpy())
+        self.update.supports[name] = packed
+        self.update.numels[name] = partition.numel
         row = [int(np.bitwise_count(packed).sum())]
-        for past in previous:
+        for past in self.previous:
             row += [
                 int(np.bitwise_count(packed & past.supports[name]).sum()),
                 int(np.bitwise_count(packed | past.supports[name]).sum()),
             ]
-        counts.append(row)
-        partitions.append(partition)
-    _sum_over_partitions(counts, partitions)
-    for (name, numel), row in zip(update.numels.items(), counts):
-        update.nonzeros[name] = row[0]
-        if previous:
-            pairs = [(row[1 + 2 * p], row[2 + 2 * p]) for p in range(len(previous))]
-            update.jaccard[name] = float(np.mean([inter / union if union else 0.0 for inter, union in pairs]))
-    return update
+        self.counts.append(row)
+        self.partitions.append(partition)
 
-
-def _sum_over_partitions(counts: list[list[int]], partitions: list) -> None:
-    """Sum, in place, the counts of the layers whose entries are spread over processes (one all-reduce)."""
-    rows = [i for i, p in enumerate(partitions) if p.sharded]
-    if not rows:
-        return
-    group = partitions[rows[0]].group
-    summed = all_reduce_sum(torch.tensor([counts[i] for i in rows], dtype=torch.int64), group).tolist()
-    for i, row in zip(rows, summed):
-        counts[i] = row
+    def finish(self) -> None:
+        counts, partitions = self.counts, self.partitions
+        rows = [i for i, p in enumerate(partitions) if p.sharded]
+        if rows:
+            group = partitions[rows[0]].group
+            summed = all_reduce_sum(torch.tensor([counts[i] for i in rows], dtype=torch.int64), group).tolist()
+            for i, row in zip(rows, summed):
+                counts[i] = row
+        for name, row in zip(self.update.numels, counts):
+            self.update.nonzeros[name] = row[0]
+            if self.previous:
+                pairs = [(row[1 + 2 * p], row[2 + 2 * p]) for p in range(len(self.previous))]
+                self.update.jaccard[name] = float(np.mean([inter / union if union else 0.0 for inter, union in pairs]))
 
 
 # the 0.2 names of what moved in 0.3

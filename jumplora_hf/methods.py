@@ -12,6 +12,7 @@ class Method:
     jump_gate: bool  # the JumpReLU gate on the adapters' update
     ella: bool  # the ELLA regulariser against the earlier tasks' updates
     olora: bool = False  # O-LoRA's orthogonality of each task's A to the earlier tasks' A
+    osf: bool = False  # PEFT's OSF (no LoRA adapters): updates orthogonal to the top singular directions of W
 
 
 METHODS: dict[str, Method] = {
@@ -23,6 +24,7 @@ METHODS: dict[str, Method] = {
         Method("jumplora_ella", "JumpLoRA + ELLA", jump_gate=True, ella=True),
         Method("olora", "O-LoRA", jump_gate=False, ella=False, olora=True),
         Method("jumplora_olora", "JumpLoRA + O-LoRA", jump_gate=True, ella=False, olora=True),
+        Method("osf", "OSF (PEFT)", jump_gate=False, ella=False, osf=True),
     )
 }
 

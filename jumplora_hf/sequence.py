@@ -40,7 +40,8 @@ class TaskSequence(TrainerCallback):
     saved there (`resumed_listeners`).
 
     Resumed inside a task (the Trainer restored the adapters, optimizer, scheduler and RNG of a checkpoint), the task
-    does not begin again: its listeners get `on_task_begin(resumed=True)` and then their saved `task_state`.
+    does not begin again: its listeners get `on_task_begin(resumed=True)` and then their saved `task_state`. With
+    `osf` (method osf), the adapters are PEFT's OSF layers and its operations begin and end the tasks (osf.py).
     """
 
     def __init__(
@@ -55,8 +56,10 @@ class TaskSequence(TrainerCallback):
         start: Callable[[torch.nn.Module], None] | None = None,
         run: dict | None = None,
         resumed_listeners: dict | None = None,
+        osf=None,
     ):
         self.spans, self.seed, self.record = list(spans), seed, record
+        self.osf = osf  # osf.OsfSequence for method osf: its task operations replace the LoRA adapters' ones
         self.evaluate, self.callbacks, self.prepare, self.start = evaluate, callbacks, prepare, start
         self.accumulate_w_past = accumulate_w_past
         self.run, self.resumed_listeners = run, resumed_listeners
@@ -71,6 +74,17 @@ class TaskSequence(TrainerCallback):
         for _, layer in iter_jumplora_layers(model):  # γ and τ of the adapters a checkpoint may have restored
             for adapter in layer.lora_gate_state:
                 layer.sync_gate_mirrors(adapter)
+        if self.osf is not None:  # the frozen SVD tensors of a task the checkpoint is inside of or ends (unmerged)
+            unfinished = next(
+                (
+                    s
+                    for s in self.spans
+                    if s.first_step < state.global_step <= s.end_step and not self.record.has_finished(s.index)
+                ),
+                None,
+            )
+            if unfinished is not None:
+                self.osf.restore(model, unfinished.index)
         inside = next((s for s in self.spans if s.first_step < state.global_step < s.end_step), None)
         if inside is not None:
             self.current = inside
@@ -136,7 +150,10 @@ class TaskSequence(TrainerCallback):
         if self.prepare is not None:
             self.prepare(model)
         with writing_adapters(model):
-            begin_task(model, task.index, self.seed)
+            if self.osf is not None:
+                self.osf.begin(model, task.index)
+            else:
+                begin_task(model, task.index, self.seed)
         reset_optimizer_state(optimizer)  # Adam moments and step count start afresh, as in a new optimizer
         dispatch(self.callbacks(), "on_task_begin", args, state, control, task=task, model=model, optimizer=optimizer)
 
@@ -157,8 +174,13 @@ class TaskSequence(TrainerCallback):
             )
 
         with writing_adapters(model):  # A, B and τ whole on every process; the base weights are written in place
-            update = end_task(model, self.accumulate_w_past, on_layer=merged, previous=self.record.updates)
+            if self.osf is not None:
+                update = self.osf.end(model, on_layer=merged, previous=self.record.updates)
+            else:
+                update = end_task(model, self.accumulate_w_past, on_layer=merged, previous=self.record.updates)
         self.record.add_task(task.name, update)
+        if self.osf is not None:
+            self.record.note(task.index, **self.osf.notes(model, task.index))
         dispatch(
             self.callbacks(),
             "on_task_end",

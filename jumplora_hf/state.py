@@ -33,8 +33,8 @@ from . import metrics
 from ._deprecation import moved
 from .entries import broadcast_from_main, broadcast_json, gather_entries_to_main, is_main_process
 from .files import SAFETENSORS_DTYPES, SafetensorsWriter, read_json, write_json_atomic
-from .layer import iter_jumplora_layers
 from .ledger import STATE_FILE
+from .osf import iter_adapted_layers
 from .record import ContinualRecord
 from .updates import MergedTaskUpdate
 
@@ -60,7 +60,7 @@ def _state_specs(model: torch.nn.Module, record: ContinualRecord) -> list[tuple[
     """The tensors of the resume state, in the order they are written: per layer its merged weight (the float32 copy
     for bf16/fp16 weights) and W_past, then every finished task's support, a bit per entry."""
     specs = []
-    for name, layer in iter_jumplora_layers(model):
+    for name, layer in iter_adapted_layers(model):
         shape = (layer.out_features, layer.in_features)
         specs.append((f"weight/{name}", layer.merged_weight().dtype, shape))
         if layer.ella_w_past is not None:
@@ -108,7 +108,7 @@ def write_state(
             except Exception as error:  # the other processes still gather: finish the loop, then fail everywhere
                 failure, writer = error, writer.abort()
 
-    layers = dict(iter_jumplora_layers(model))
+    layers = dict(iter_adapted_layers(model))
     for name, layer in layers.items():
         partition = layer.entry_partition()
         put(f"weight/{name}", gather_entries_to_main(layer.merged_weight(), partition))
@@ -279,7 +279,7 @@ def _dtype(name: str) -> torch.dtype:
 def restore_run_tensors(model: torch.nn.Module, saved: SavedRun, weights: bool = True) -> None:
     """Put the saved merged weights and W_past back into `model` (unless `weights` is False) and the supports into
     `saved.record`, one layer at a time. Every process must call it: the main process reads, the others receive."""
-    layers = dict(iter_jumplora_layers(model))
+    layers = dict(iter_adapted_layers(model))
     saved_layers = {key.split("/", 1)[1] for key in saved.manifest if key.startswith("weight/")}
     if set(layers) != saved_layers:
         raise ValueError(

@@ -128,6 +128,12 @@ class JumpLoraCallback(TrainerCallback):
         self.task_index = task_index
         self.task_name = task_name
         self.method = get_method(method) if method is not None else None
+        if self.method is not None and self.method.osf:
+            raise NotImplementedError(
+                f"method {method!r} (PEFT's OSF) re-decomposes every adapted weight at each task's start with fixed "
+                "shapes for the whole sequence; train the sequence with jumplora_hf.ContinualTrainer (method='osf'), "
+                "or in a plain Trainer script use inclora, ella, jumplora_inclora or jumplora_ella"
+            )
         if self.method is not None and self.method.olora:
             raise NotImplementedError(
                 f"method {method!r} keeps every earlier task's A; in a plain Trainer script use inclora, ella, "

@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
+from peft.tuners.osf import OSFLayer
 from peft.utils.integrations import gather_params_ctx
 
 from ._compat import has_zero_fp32_fragment, is_zero3_param, zero3_local_shard
@@ -32,12 +33,18 @@ def gathered(params: Iterable[torch.nn.Parameter], modifier_rank: int | None = N
 
 
 def adapter_parameters(model: torch.nn.Module, include_base: bool = False) -> list[torch.nn.Parameter]:
-    """A, B and log τ of every adapted layer (and the frozen base weight it merges into)."""
+    """A, B and log τ of every adapted layer, and PEFT's U_low, S_low, V_low of every OSF layer (and the frozen base
+    weight it merges into)."""
     params = []
     for _, layer in iter_jumplora_layers(model):
         for name, param in layer.named_parameters():
             if "lora_" in name or (include_base and name == "base_layer.weight"):
                 params.append(param)
+    for layer in model.modules():
+        if isinstance(layer, OSFLayer):
+            for name, param in layer.named_parameters():
+                if name.startswith("osf_svd_params.") or (include_base and name == "base_layer.weight"):
+                    params.append(param)
     return list({id(p): p for p in params}.values())  # τ is shared between the layers of a threshold group
 
 
@@ -87,3 +94,9 @@ def register_adapted_weights_as_external(model: torch.nn.Module) -> None:
         for name, param in layer.named_parameters():
             if "lora_" in name or name == "base_layer.weight":
                 deepspeed.zero.register_external_parameter(layer, param)
+    # PEFT's OSF forward reads U_low, S_low, V_low from its ParameterDict, a child module whose forward never runs
+    for layer in model.modules():
+        if isinstance(layer, OSFLayer):
+            for name, param in layer.named_parameters():
+                if name.startswith("osf_svd_params."):
+                    deepspeed.zero.register_external_parameter(layer, param)

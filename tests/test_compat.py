@@ -52,6 +52,18 @@ def test_buffer_dict_keys_follow_peft_adapter_naming():
     assert list(holder.state_dict()) == ["lora_gate_state.default"]
 
 
+def test_osf_layer_keeps_its_frozen_tensors_in_these_buffer_dicts():
+    from peft import OSFConfig
+
+    model = get_peft_model(tiny_t5(), OSFConfig(target_modules=["q"], effective_rank=4))
+    layer = model.base_model.model.encoder.block[0].layer[0].SelfAttention.q
+    buffers = _compat.osf_frozen_tensors(layer)
+    assert set(buffers) == set(layer.other_param_names) - {"effective_rank"}
+    assert all(isinstance(b, _compat.BufferDict) and not b.persistent for b in buffers.values())
+    assert tuple(buffers["_osf_U_low_init"]["default"].shape) == (32, 32 - 4)
+    assert "default" not in buffers["_osf_U_high"] and "default" not in buffers["_osf_V_high"]  # 32×32: both square
+
+
 def test_add_weighted_adapter_detection_is_false_elsewhere():
     assert not _compat.called_from_add_weighted_adapter()
 

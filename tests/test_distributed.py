@@ -93,7 +93,7 @@ TWO_PROCESS_CASES = [
     for backend in sorted(BACKENDS)
     for method in ("inclora", "jumplora_ella")
     if not (backend == "zero3_multi_node" and method == "inclora")
-] + [("ddp", "olora"), ("zero3", "jumplora_olora")]
+] + [("ddp", "olora"), ("zero3", "jumplora_olora"), ("ddp", "osf"), ("zero2", "osf"), ("zero3", "osf")]
 
 
 @pytest.mark.parametrize(("backend", "method"), TWO_PROCESS_CASES)
@@ -109,8 +109,11 @@ def test_two_processes_match_one_process(tmp_path, single_process, extensions_di
         assert torch.allclose(multi["weights"][name], weight, atol=1e-5), name
     assert multi["report"]["accuracy_matrix"] == single["report"]["accuracy_matrix"]
     sparsity = [t["sparsity"]["mean"] for t in multi["report"]["per_task"]]
-    assert sparsity == [t["sparsity"]["mean"] for t in single["report"]["per_task"]]
-    assert all(s > 0.2 for s in sparsity) if method.startswith("jumplora") else all(s < 0.01 for s in sparsity)
+    single_sparsity = [t["sparsity"]["mean"] for t in single["report"]["per_task"]]
+    if method.startswith("jumplora"):  # the gate's zeros are decisions: a rank-local τ would change them
+        assert sparsity == single_sparsity and all(s > 0.2 for s in sparsity)
+    else:  # a dense update's rare exact zeros are float32 rounding (osf: measured 8e-5 on one rank, 0 on the other)
+        assert all(s < 0.01 for s in sparsity + single_sparsity)
     assert (
         multi["task_start_max_abs_b"] == single["task_start_max_abs_b"] == [0.0, 0.0, 0.0]
     )  # every task starts at ΔW = 0
@@ -327,9 +330,12 @@ FAULT_ARGS = ["--method", "jumplora_ella", "--optim", "adamw_torch", "--steps_pe
 FAULT_POINTS = ["checkpoint:12", "step:7", "merge", "state", "evaluation"]  # of task 2 (optimizer steps 10-19)
 FAULT_CASES = [("single", p) for p in FAULT_POINTS] + [("zero3", p) for p in FAULT_POINTS]
 FAULT_CASES += [("ddp", "step:7"), ("zero2", "step:7")]
+# method osf ("<backend>+osf"): its frozen SVD tensors are recomputed on a restart inside a task
+FAULT_CASES += [("zero3+osf", "step:7"), ("zero3+osf", "merge"), ("ddp+osf", "step:7")]
 
 
 def _fault_command(backend: str) -> list[str]:
+    backend = backend.split("+")[0]
     if backend == "single":
         return [sys.executable]
     return launch_command(BACKENDS[backend], 2)
@@ -338,6 +344,8 @@ def _fault_command(backend: str) -> list[str]:
 def _fault_run(out, backend, extensions_dir, pause=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(extensions_dir)}
     command = [*_fault_command(backend), RUNNER, str(out), *FAULT_ARGS]
+    if backend.endswith("+osf"):
+        command += ["--method", "osf"]  # the last --method wins
     if pause is None:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

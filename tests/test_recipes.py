@@ -102,6 +102,41 @@ def test_tiny_run_of_each_recipe(tiny_setup, name, order):
     )
 
 
+def test_osf_run_of_the_sc_recipe_with_the_comparison_plan_flags(tiny_setup):
+    # the flags of benchmarks/forgetting.py's comparison plan for osf: --learning_rate LR --osf_max_preserved_fraction F
+    out = tiny_setup / "out_osf"
+    done = _script(
+        "sc.py",
+        *("--model_name_or_path", str(tiny_setup / "model"), "--data_dir", str(tiny_setup / "data")),
+        *(
+            "--output_dir",
+            str(out),
+            "--method",
+            "osf",
+            "--learning_rate",
+            "1e-4",
+            "--osf_max_preserved_fraction",
+            "0.5",
+        ),
+        *("--per_device_train_batch_size", "4", "--max_source_length", "128", "--jumplora_target_modules", "q", "v"),
+        *("--use_cpu", "--disable_tqdm", "true"),
+        launcher=(sys.executable,),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "continual_metrics.json").read_text())
+    assert report["method"] == "osf" and len(report["accuracy_matrix"]) == 2
+    # 12 adapted 32×32 weights (q, v of 2 encoder self-, 2 decoder self- and 2 cross-attention blocks), k_t 8, 16
+    assert [t["trainable_parameters"] for t in report["per_task"]] == [12 * 65 * (32 - 8), 12 * 65 * (32 - 16)]
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["adapters"]["osf_max_preserved_fraction"] == 0.5 and config["adapters"]["target_modules"] == [
+        "q",
+        "v",
+    ]
+    merged = T5ForConditionalGeneration.from_pretrained(out / "merged")
+    assert not any("osf" in name for name in merged.state_dict())
+    assert (out / "ledger" / "task-02-t1.safetensors").exists()
+
+
 def test_unloadable_model_names_the_offline_way(tiny_setup):
     done = _script(
         "sc.py",

@@ -68,7 +68,7 @@ class SurvivorProbe(ContinualCallback):
 
     def on_task_step(self, args, state, control, task=None, step=0, model=None, **kwargs):
         config = model.peft_config["default"]
-        if step != round(config.s_start * task.num_steps) or not config.use_jumprelu:
+        if not getattr(config, "use_jumprelu", False) or step != round(config.s_start * task.num_steps):
             return
         with gathered_adapters(model):
             for layers in threshold_groups(model).values():

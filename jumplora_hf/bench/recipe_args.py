@@ -160,6 +160,7 @@ def light_parser(prog: str, description: str, default_order: str) -> argparse.Ar
     training = parser.add_argument_group(
         "training (ContinualConfig: every Seq2SeqTrainingArguments flag too; --help-all lists them)",
         f"  --method {{{','.join(METHODS)}}}   --ella_lambda λ [λ ...] | auto   --tau_lr_multiplier M\n"
+        "  --olora_lambda1 λ1   --osf_max_preserved_fraction F (osf: 0 < F < 1)\n"
         "  --learning_rate   --per_device_train_batch_size   --num_train_epochs   --seed   --output_dir",
     )
     del training
