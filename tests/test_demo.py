@@ -12,7 +12,12 @@ from jumplora_hf.bench import synthetic
 from jumplora_hf.bench.synthetic import STANDARD_LIKE_TASKS, standard_like_stream
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
+_environment = dict(os.environ)
 import demo  # noqa: E402  (recipes/demo.py)
+
+# the script pins CPU kernels for its own process; collecting this file must not pin them for every test's subprocesses
+os.environ.clear()
+os.environ.update(_environment)
 
 
 def _properties_of(sentence: str) -> dict[str, str]:

@@ -270,3 +270,78 @@ def test_the_report_pairs_by_seed_gives_the_t_interval_and_compares_machines(tmp
     # published: every run's reports under out/runs, the replica in its own folder
     assert os.path.exists(os.path.join(out, "runs", "replica", "test", "order1", "inclora", "seed42", "run_info.json"))
     assert os.path.exists(os.path.join(out, "tau_and_density_order1.png"))
+
+
+comparison_tool = _load("comparison_report")
+
+
+def _ls_report(runs_dir, name, first_task_after_all):
+    """A finished 15-task run: every task 0.8 when trained, all kept but the first."""
+    n = 15
+    matrix = [[0.8 if j <= i else None for j in range(n)] for i in range(n)]
+    matrix[-1][0] = first_task_after_all
+    per_task = [{"sparsity": {"mean": 0.0}, "jaccard_with_previous": {"mean": 1.0 if i else None}} for i in range(n)]
+    os.makedirs(os.path.join(runs_dir, name), exist_ok=True)
+    report = {"tasks": [f"t{i}" for i in range(n)], "accuracy_matrix": matrix, "per_task": per_task}
+    with open(os.path.join(runs_dir, name, "continual_metrics.json"), "w") as f:
+        json.dump(report, f)
+
+
+def test_the_comparison_report_has_every_method_the_protocol_pairs_and_the_long_sequence(tmp_path):
+    runs, out = str(tmp_path / "runs"), str(tmp_path / "out")
+    diag = [0.9, 0.5, 0.6, 0.8]
+    for seed, (olora, jump) in {42: (0.2, 0.3), 43: (0.4, 0.45), 44: (0.3, 0.4)}.items():
+        _full_report(runs, f"test/order1/olora/seed{seed}", diag, [olora, 0.5, 0.6, 0.8])
+        _full_report(runs, f"test/order1/jumplora_olora/seed{seed}", diag, [jump, 0.5, 0.6, 0.8], sparsity=0.75)
+        _ls_report(runs, f"test/order4/inclora/seed{seed}", 0.2)
+        _ls_report(runs, f"test/order4/jumplora_inclora/seed{seed}", 0.8 - 0.1 * (seed - 42))
+    # a run with a task not yet evaluated is left out and listed
+    _full_report(runs, "test/order1/osf/seed42", diag, [0.3, 0.5, 0.6, None])
+    cost = tmp_path / "cost.json"
+    row = dict(method="inclora", trainable=460800, step_s=3.0, step_ratio=1.0, switch_s=0.2, peak_bytes=2**30)
+    run = dict(device="cpu", threads=1)
+    options = dict(model=None, batch=8, seq_len=128, steps=6, rounds=2)
+    cost.write_text(json.dumps({"options": options, "methods": [dict(row, runs=[run])]}))
+    comparison_tool.main(["--root", runs, "--out", out, "--cost", str(cost)])
+    text = open(os.path.join(out, "report.md")).read()
+    for method in ("IncLoRA", "ELLA", "O-LoRA", "OSF (PEFT)", "JumpLoRA + ELLA", "JumpLoRA + O-LoRA"):
+        assert f"| {method} |" in text
+    # ΔBWT per seed = (jump − olora) / 3 on task a: +3.3, +1.7, +3.3 points; t(2) = 4.303
+    pair = next(line for line in text.splitlines() if "| JumpLoRA + O-LoRA − O-LoRA |" in line)
+    assert "+2.8 [+0.4, +5.2]" in pair and "42:+ 43:+ 44:+" in pair
+    assert "| OSF (PEFT) − IncLoRA | – |" in text and "- `test/order1/osf/seed42`" in text
+    # Long Sequence, per seed: ΔOA = (0.6 − 0.1·k) / 15 (4.0, 3.3, 2.7 points), ΔBWT = (0.6 − 0.1·k) / 14
+    long_sequence = text[text.index("## Long Sequence") :]
+    ls_pair = next(line for line in long_sequence.splitlines() if "JumpLoRA + IncLoRA − IncLoRA" in line)
+    assert "| 42, 43, 44 | +3.3 [+1.7, +5.0] | +3.6 [+1.8, +5.3] |" in ls_pair
+    assert "| IncLoRA | 460,800 | 3.00 | 1.00 | 0.20 | 1024 |" in text
+
+
+def test_the_comparison_report_refuses_a_missing_root(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        comparison_tool.main(["--root", str(tmp_path / "nope")])
+    assert exit_info.value.code == 2 and "no such folder" in capsys.readouterr().err
+
+
+def test_method_cost_counts_each_methods_trainable_parameters_and_times_them_side_by_side(tmp_path):
+    out = tmp_path / "cost.json"
+    argv = ["--methods", "inclora", "olora", "osf", "jumplora_olora", "--rounds", "1", "--steps", "2", "--layers", "1"]
+    argv += ["--seq_len", "64", "--batch", "2", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "method_cost.py"), *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["method"]: row for row in json.loads(out.read_text())["methods"]}
+    # one SmolLM2 layer, r 8 on q (576 × 576) and v (192 × 576): 8·(576 + 576) + 8·(576 + 192)
+    assert rows["inclora"]["trainable"] == rows["olora"]["trainable"] == 15360
+    assert rows["jumplora_olora"]["trainable"] == 15361  # + the global τ
+    # OSF, task 2 of 2 at f 0.5: (d_out + d_in + 1)·(min − k_2), k_2 = min / 2; allocated at task 1's rank (k_1 = min / 4)
+    osf = rows["osf"]["runs"][0]
+    assert rows["osf"]["trainable"] == 1153 * 288 + 769 * 96 and osf["allocated_trainable"] == 1153 * 432 + 769 * 144
+    assert rows["inclora"]["step_ratio"] == 1.0 and all(r["step_s"] > 0 and r["switch_s"] > 0 for r in rows.values())
+    assert "osf" in done.stdout and "× inclora" in done.stdout
