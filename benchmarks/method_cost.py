@@ -31,7 +31,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep instead of spinning
 
 import argparse
-import ctypes
 import json
 import statistics
 import subprocess
@@ -40,33 +39,14 @@ import tempfile
 import time
 
 METHODS = ("inclora", "ella", "olora", "osf", "jumplora_inclora", "jumplora_ella", "jumplora_olora")
-SMOLLM2_SHAPE = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    max_position_embeddings=2048,
-    tie_word_embeddings=True,
-)
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def _reset_peak_rss() -> int | None:
     """Reset VmHWM to the current RSS (Linux); the RSS in KiB, None where it cannot be done."""
+    from step_time import _malloc_trim, _status_kib
+
+    _malloc_trim()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")
     except OSError:
@@ -91,7 +71,8 @@ def word_tokenizer(tasks, vocab_size: int):
 def measure_one(method: str, model_path: str | None, steps: int, seq_len: int, batch: int, layers: int) -> dict:
     """Train two tasks with `method` in this process; its timings, trainable parameters and peak memory."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from step_time import SHAPES, _status_kib, build_base
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from jumplora_hf import ContinualCallback, ContinualConfig, ContinualTrainer, JumpLoraConfig
     from jumplora_hf.bench.synthetic import keyword_task_stream
@@ -99,13 +80,12 @@ def measure_one(method: str, model_path: str | None, steps: int, seq_len: int, b
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)
     if model_path is None:
-        shape = dict(SMOLLM2_SHAPE, num_hidden_layers=layers)
-        model = LlamaForCausalLM(LlamaConfig(**shape, pad_token_id=0, eos_token_id=1, bos_token_id=None))
+        model = build_base("smollm2-135m", layers, torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
     tasks = keyword_task_stream(2, steps * batch, 2, filler=(seq_len, seq_len + 2))  # truncated to seq_len tokens
     if model_path is None:
-        tokenizer = word_tokenizer(tasks, SMOLLM2_SHAPE["vocab_size"])
+        tokenizer = word_tokenizer(tasks, SHAPES["smollm2-135m"]["vocab_size"])
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
 
