@@ -8,8 +8,12 @@ reverting task k from the final model (the base + the ledger of the other tasks)
 from __future__ import annotations
 
 import os
+import platform
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep instead of spinning
+if platform.machine().lower() in ("x86_64", "amd64") and "ATEN_CPU_CAPABILITY" not in os.environ:
+    os.environ["ATEN_CPU_CAPABILITY"] = "avx2"  # the demo's CPU kernels (see recipes/demo.py): its answers, exactly
+    os.environ.setdefault("MKL_CBWR", "AVX2")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402

@@ -145,7 +145,13 @@ def test_every_entry_point_sets_the_openmp_default_before_torch():
             ):
                 first_heavy = index
         assert setdefault is not None, f"{path} does not set OMP_WAIT_POLICY"
-        if os.path.basename(path) in ("demo.py", "quickstart.py", "sc.py", "ls.py"):  # the training recipes
+        if os.path.basename(path) in (
+            "demo.py",
+            "quickstart.py",
+            "sc.py",
+            "ls.py",
+            "ledger_revert.py",
+        ):  # the demo's kernels
             pins = [i for i, node in enumerate(tree.body) if "ATEN_CPU_CAPABILITY" in ast.unparse(node)]
             assert pins and (first_heavy is None or pins[0] < first_heavy), f"{path}: CPU kernels not pinned first"
         assert first_heavy is None or setdefault < first_heavy, (
