@@ -93,6 +93,7 @@ def measure_one(method: str, model_path: str | None, steps: int, seq_len: int, b
         def __init__(self):
             self.task, self.step_begin, self.steps = 0, None, {0: [], 1: []}
             self.last_step_end = self.first_step_begin = self.end_of_task = self.evaluated = None
+            self.task_one_last_step_end = None
             self.trainable = None
             self.rss_start = self.cuda_start = None
 
@@ -126,11 +127,11 @@ def measure_one(method: str, model_path: str | None, steps: int, seq_len: int, b
         def on_task_end(self, args, state, control, task=None, **kwargs):
             if task.index == 0:
                 self.end_of_task = time.perf_counter()
+                self.task_one_last_step_end = self.last_step_end
 
         def on_task_evaluated(self, args, state, control, task=None, **kwargs):
             if task.index == 0:
                 self.evaluated = time.perf_counter()
-                self.task_one_last_step_end = self.last_step_end
 
     clock = Clock()
     with tempfile.TemporaryDirectory() as out:
