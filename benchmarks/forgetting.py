@@ -11,6 +11,7 @@ can run. Runs resume from their last finished task, so a worker can be stopped a
     python benchmarks/forgetting.py work --plan dev          # the dev study of τ's learning rate and auto-λ
     python benchmarks/forgetting.py work --plan variants     # then the test runs of what dev favours (if any)
     python benchmarks/forgetting.py work --plan comparison   # issue 25: O-LoRA, OSF, and the Long Sequence pair
+    python benchmarks/forgetting.py work --plan comparison --prefix test/order4   # a worker for the Long Sequence runs
 
 The dev plan's "grid λ" arm reads the λ grid's runs from GRID_ROOT/runs/forgetting (default: this checkout's).
 
@@ -238,9 +239,12 @@ def comparison_plan() -> list[Run]:
                 )
     for seed in SEEDS_3:
         runs.append(Run(f"test/order1/single_task/seed{seed}", "order1", "inclora", seed, single_task=True))
+    # amendment 4: the Long Sequence runs evaluate each task after it and all 15 after the last (29 evaluations, not 120)
     for seed in SEEDS_3:
         for method in ("inclora", "jumplora_inclora"):
-            runs.append(Run(f"test/order4/{method}/seed{seed}", "order4", method, seed))
+            runs.append(
+                Run(f"test/order4/{method}/seed{seed}", "order4", method, seed, flags=["--eval_seen_tasks", "at_end"])
+            )
     return runs
 
 
@@ -385,7 +389,7 @@ def native_cpu_kernels() -> dict[str, str]:
     }
 
 
-def work(plan_name: str = "main") -> None:
+def work(plan_name: str = "main", prefix: str = "") -> None:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -399,7 +403,7 @@ def work(plan_name: str = "main") -> None:
     while True:
         waiting = False
         for run in plan(plan_name):
-            if is_finished(run):
+            if is_finished(run) or not run.name.startswith(prefix):
                 continue
             argv = command(run)
             if argv is None:
@@ -439,9 +443,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["list", "work"])
     parser.add_argument("--plan", choices=["main", "dev", "variants", "comparison"], default="main")
+    parser.add_argument("--prefix", default="", help="work: only the runs whose name starts with it (test/order4)")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
-    work(args.plan) if args.action == "work" else list_runs(args.plan)
+    work(args.plan, args.prefix) if args.action == "work" else list_runs(args.plan)
 
 
 if __name__ == "__main__":

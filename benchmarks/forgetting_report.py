@@ -184,7 +184,9 @@ def matrices(runs: dict) -> list[str]:
         ]
         for i, task_name in enumerate(tasks):
             cells = [
-                statistics.fmean(r["accuracy_matrix"][i][j] for r in reports) if j <= i else None
+                statistics.fmean(r["accuracy_matrix"][i][j] for r in reports)
+                if j <= i and all(r["accuracy_matrix"][i][j] is not None for r in reports)
+                else None
                 for j in range(len(tasks))
             ]
             lines.append(f"| {task_name} | " + " | ".join("" if c is None else f"{100 * c:.1f}" for c in cells) + " |")

@@ -10,6 +10,8 @@ from ._deprecation import moved
 from .ella import ELLA_DELTA_MODES
 from .methods import METHODS, get_method
 
+EVAL_SEEN_TASKS = ("after_every_task", "at_end")
+
 
 @dataclass
 class ContinualConfig(Seq2SeqTrainingArguments):
@@ -97,6 +99,18 @@ class ContinualConfig(Seq2SeqTrainingArguments):
             )
         },
     )
+    eval_seen_tasks: str = field(
+        default="after_every_task",
+        metadata={
+            "help": (
+                "Which tasks are evaluated when a task ends. 'after_every_task': every task seen so far, the whole "
+                "accuracy matrix (T(T+1)/2 evaluations). 'at_end': the task just trained (a[i][i]), and after the last "
+                "task every task (2T−1 evaluations): all that OA, BWT and FWT use; the rows in between hold the "
+                "diagonal only."
+            ),
+            "choices": list(EVAL_SEEN_TASKS),
+        },
+    )
     ledger: bool = field(
         default=True,
         metadata={"help": "Write each task's exact update to <output_dir>/ledger/ (python -m jumplora_hf.ledger)."},
@@ -158,6 +172,8 @@ class ContinualConfig(Seq2SeqTrainingArguments):
             )
         if not self.ella_target_ratio > 0:
             raise ValueError(f"ella_target_ratio must be > 0, got {self.ella_target_ratio}")
+        if self.eval_seen_tasks not in EVAL_SEEN_TASKS:
+            raise ValueError(f"unknown eval_seen_tasks {self.eval_seen_tasks!r}; use one of {EVAL_SEEN_TASKS}")
         if not self.predict_with_generate:
             raise ValueError("predict_with_generate must stay True: tasks are evaluated by generation")
 

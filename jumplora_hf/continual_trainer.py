@@ -267,7 +267,9 @@ class ContinualTrainer(Seq2SeqTrainer):
         self.optimizer, self.lr_scheduler = None, None
 
         def evaluate_row(task: TaskSpan) -> list[float | None]:
-            seen = [task.index] if self.args.single_task_baselines else range(task.index + 1)
+            last = task.index == len(spans) - 1
+            only_this = self.args.single_task_baselines or (self.args.eval_seen_tasks == "at_end" and not last)
+            seen = [task.index] if only_this else range(task.index + 1)
             return [self.evaluate_generation(encoded[j]) if j in seen else None for j in range(task.index + 1)]
 
         self.task_sequence = TaskSequence(

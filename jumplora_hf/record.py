@@ -50,8 +50,9 @@ class ContinualRecord:
             }
             if not self.single_task_baselines and index < len(self.accuracy_matrix):
                 partial = [row[: index + 1] for row in self.accuracy_matrix[: index + 1]]
-                entry["overall_accuracy"] = metrics.overall_accuracy(partial)
-                entry["backward_transfer"] = metrics.backward_transfer(partial)
+                complete = metrics.row_is_complete(partial, index)  # not with eval_seen_tasks="at_end" before the end
+                entry["overall_accuracy"] = metrics.overall_accuracy(partial) if complete else None
+                entry["backward_transfer"] = metrics.backward_transfer(partial) if complete else None
                 overlap = update.jaccard
                 entry["jaccard_with_previous"] = {"mean": _mean(overlap), "per_layer": overlap} if overlap else None
             if update.taus:
@@ -70,11 +71,12 @@ class ContinualRecord:
         fwt = None
         if self.single_task_accuracies is not None and acc:
             fwt = metrics.forward_transfer(acc, self.single_task_accuracies)
+        complete = metrics.final_row_is_complete(acc)
         return {
             **base,
             "accuracy_matrix": acc,
-            "overall_accuracy": metrics.overall_accuracy(acc) if acc else None,
-            "backward_transfer": metrics.backward_transfer(acc) if acc else None,
+            "overall_accuracy": metrics.overall_accuracy(acc) if complete else None,
+            "backward_transfer": metrics.backward_transfer(acc) if complete else None,
             "forward_transfer": fwt,
             "single_task_accuracies": self.single_task_accuracies,
             "per_task": per_task,

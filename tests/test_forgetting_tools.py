@@ -276,9 +276,10 @@ comparison_tool = _load("comparison_report")
 
 
 def _ls_report(runs_dir, name, first_task_after_all):
-    """A finished 15-task run: every task 0.8 when trained, all kept but the first."""
+    """A finished 15-task run evaluated as the protocol's amendment 4 says (each task after it, all after the last):
+    every task 0.8 when trained, all kept but the first."""
     n = 15
-    matrix = [[0.8 if j <= i else None for j in range(n)] for i in range(n)]
+    matrix = [[0.8 if j == i or (i == n - 1 and j < i) else None for j in range(n)] for i in range(n)]
     matrix[-1][0] = first_task_after_all
     per_task = [{"sparsity": {"mean": 0.0}, "jaccard_with_previous": {"mean": 1.0 if i else None}} for i in range(n)]
     os.makedirs(os.path.join(runs_dir, name), exist_ok=True)
@@ -345,3 +346,13 @@ def test_method_cost_counts_each_methods_trainable_parameters_and_times_them_sid
     assert rows["osf"]["trainable"] == 1153 * 288 + 769 * 96 and osf["allocated_trainable"] == 1153 * 432 + 769 * 144
     assert rows["inclora"]["step_ratio"] == 1.0 and all(r["step_s"] > 0 and r["switch_s"] > 0 for r in rows.values())
     assert "osf" in done.stdout and "× inclora" in done.stdout
+
+
+def test_the_long_sequence_runs_evaluate_at_the_end_and_the_standard_cl_runs_every_task():
+    runs = {run.name: run for run in forgetting.comparison_plan()}
+    long_sequence = [name for name in runs if name.startswith("test/order4/")]
+    assert len(long_sequence) == 6
+    for name in long_sequence:
+        argv = forgetting.command(runs[name])
+        assert argv[argv.index("--eval_seen_tasks") + 1] == "at_end", name
+    assert "--eval_seen_tasks" not in forgetting.command(runs["test/order1/inclora/seed43"])

@@ -3,6 +3,7 @@ import pytest
 
 from jumplora_hf.metrics import (
     backward_transfer,
+    final_row_is_complete,
     forward_transfer,
     mean_jaccard_with_previous,
     overall_accuracy,
@@ -25,6 +26,20 @@ def test_partially_filled_matrix_uses_last_filled_row():
     assert overall_accuracy(partial) == pytest.approx(0.75)
     assert backward_transfer(partial) == pytest.approx(-0.2)
     assert backward_transfer([[0.9]]) is None
+
+
+def test_a_matrix_evaluated_at_the_end_only_needs_its_last_row_complete():
+    at_end = [[0.9, None, None], [None, 0.8, None], [0.5, 0.6, 1.0]]  # eval_seen_tasks="at_end"
+    assert final_row_is_complete(at_end)
+    assert overall_accuracy(at_end) == overall_accuracy(ACC) and backward_transfer(at_end) == backward_transfer(ACC)
+    assert forward_transfer(at_end, [1.0, 0.9, 0.8]) == forward_transfer(ACC, [1.0, 0.9, 0.8])
+    before_the_end = [[0.9, None, None], [None, 0.8, None], [None, None, None]]
+    assert not final_row_is_complete(before_the_end)
+    with pytest.raises(ValueError, match=r"row 1 of the accuracy matrix lacks tasks \[0\].*at_end"):
+        overall_accuracy(before_the_end)
+    with pytest.raises(ValueError, match="lacks tasks"):
+        backward_transfer(before_the_end)
+    assert forward_transfer(before_the_end, [1.0, 0.9]) == pytest.approx(-0.1)  # the diagonal is there
 
 
 def test_support_sparsity_and_jaccard_match_dense_definitions():

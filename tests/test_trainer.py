@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from transformers import TrainerCallback
 
 from jumplora_hf import ContinualTrainer, JumpLoraConfig
 from jumplora_hf.bench.generation import evaluate_tasks
+from jumplora_hf.bench.reports import write_run_reports
 from jumplora_hf.data import encode_task
 from jumplora_hf.ella import ella_penalty
 from jumplora_hf.layer import iter_jumplora_layers
@@ -88,6 +90,33 @@ def test_three_task_run_for_every_method(tmp_path, arch, method):
         assert any(h["loss_ella"] > 0 for h in logs if h["task"] > 0)
     if METHODS[method].jump_gate:
         assert {h["jump/gamma"] for h in logs} >= {0.0, 1.0} and any("jump/sparsity" in h for h in logs)
+
+
+def test_eval_at_end_evaluates_each_task_after_it_and_all_after_the_last(tmp_path, monkeypatch):
+    full = _trainer(tmp_path / "full", "llama", "jumplora_inclora")
+    full_report = full.train_continual(task_stream(4))
+    at_end = _trainer(tmp_path / "end", "llama", "jumplora_inclora", eval_seen_tasks="at_end")
+    evaluated = []
+    evaluate = at_end.evaluate_generation
+    monkeypatch.setattr(at_end, "evaluate_generation", lambda task: evaluated.append(task.name) or evaluate(task))
+    report = at_end.train_continual(task_stream(4))
+    assert evaluated == ["task0", "task1", "task2", "task0", "task1", "task2", "task3"]  # 2T−1, not T(T+1)/2
+    acc, full_acc = report["accuracy_matrix"], full_report["accuracy_matrix"]
+    assert [acc[i][i] for i in range(4)] == [full_acc[i][i] for i in range(4)]  # evaluating changes no training
+    assert acc[3] == full_acc[3]
+    assert all(acc[i][j] is None for i in range(3) for j in range(4) if j != i)
+    for key in ("overall_accuracy", "backward_transfer"):
+        assert report[key] == full_report[key]
+        assert [t[key] for t in report["per_task"]] == [
+            full_report["per_task"][0][key],  # after the first task its row is complete
+            None,
+            None,
+            full_report["per_task"][3][key],
+        ]
+    expected = dict(full.model.named_parameters())
+    assert all(torch.equal(p, expected[n]) for n, p in at_end.model.named_parameters() if "base_layer" in n)
+    written = {os.path.basename(p) for p in write_run_reports(str(tmp_path / "end" / "out"))}
+    assert {"accuracy_matrix.csv", "per_task.csv", "accuracy_matrix.png", "bwt_per_task.png"} <= written
 
 
 def test_same_seed_twice_gives_identical_results(tmp_path):
@@ -183,6 +212,7 @@ def test_lambda_list_must_match_the_tasks(tmp_path):
         ({"method": "ella", "ella_lambda": None}, "needs ella_lambda"),
         ({"method": "ella", "ella_lambda": [-1.0]}, "non-negative"),
         ({"ella_delta_mode": "dense"}, "unknown ella_delta_mode"),
+        ({"eval_seen_tasks": "never"}, "unknown eval_seen_tasks"),
     ],
 )
 def test_bad_arguments_are_refused(tmp_path, overrides, message):

@@ -18,7 +18,8 @@ def print_report(report: dict) -> None:
     print(f"\n{display_name(report['method'])}: a[i][j] = accuracy on task j after training task i")
     for name, row in zip(report["tasks"], report["accuracy_matrix"]):
         print(f"  after {name}: " + "  ".join("  -  " if a is None else f"{a:.3f}" for a in row))
-    print(f"OA {report['overall_accuracy']:.3f}   BWT {_signed(report['backward_transfer'])}")
+    oa = report["overall_accuracy"]
+    print(f"OA {'-' if oa is None else format(oa, '.3f')}   BWT {_signed(report['backward_transfer'])}")
     for task in report["per_task"]:
         sparsity = task["sparsity"]["mean"]
         text = "dense (0% sparse)" if sparsity < 1e-6 else f"sparsity {sparsity:.3f}"

@@ -60,9 +60,10 @@ def run_summary(report: Mapping, single_task: Sequence[float] | None = None) -> 
     """OA, BWT and FWT of a run; FWT needs single-task accuracies, from `single_task` or else from the report."""
     acc = report["accuracy_matrix"]
     single = single_task if single_task is not None else report.get("single_task_accuracies")
+    complete = metrics.final_row_is_complete(acc)  # not before the end of an eval_seen_tasks="at_end" run
     return {
-        "overall_accuracy": metrics.overall_accuracy(acc),
-        "backward_transfer": metrics.backward_transfer(acc),
+        "overall_accuracy": metrics.overall_accuracy(acc) if complete else None,
+        "backward_transfer": metrics.backward_transfer(acc) if complete else None,
         "forward_transfer": metrics.forward_transfer(acc, single) if single else report.get("forward_transfer"),
     }
 
@@ -74,13 +75,14 @@ def per_task_rows(report: Mapping) -> list[dict]:
     rows = []
     for i, name in enumerate(report["tasks"]):
         seen = [row[: i + 1] for row in acc[: i + 1]]
+        complete = metrics.row_is_complete(seen, i)
         entry = per_task[i] if i < len(per_task) else {}
         sparsity, jaccard = entry.get("sparsity"), entry.get("jaccard_with_previous")
         rows.append(
             {
                 "task": name,
-                "overall_accuracy": metrics.overall_accuracy(seen),
-                "backward_transfer": metrics.backward_transfer(seen),
+                "overall_accuracy": metrics.overall_accuracy(seen) if complete else None,
+                "backward_transfer": metrics.backward_transfer(seen) if complete else None,
                 "sparsity_mean": sparsity["mean"] if sparsity else None,
                 "jaccard_mean": jaccard["mean"] if jaccard else None,
             }
@@ -220,7 +222,11 @@ def plot_accuracy_matrix(report: Mapping, path: str) -> str | None:
     ax.set_title(
         _title(
             report,
-            f"OA {_percent(summary['overall_accuracy']):.1f}%"
+            (
+                "not evaluated on every task yet"
+                if summary["overall_accuracy"] is None
+                else f"OA {_percent(summary['overall_accuracy']):.1f}%"
+            )
             + ("" if bwt is None else f", BWT {_percent(bwt):.1f}%"),
         )
     )
@@ -229,7 +235,7 @@ def plot_accuracy_matrix(report: Mapping, path: str) -> str | None:
 
 def plot_bwt_per_task(report: Mapping, path: str) -> str | None:
     """BWT (%) after each task from the second on (paper Fig. 2, drawn as a line rather than a radial profile)."""
-    rows = per_task_rows(report)[1:]
+    rows = [row for row in per_task_rows(report)[1:] if row["backward_transfer"] is not None]  # at_end: the last
     if not rows:
         return None
     fig, axes = _figure(max(5.0, 0.45 * len(rows) + 3.0), 3.5)
