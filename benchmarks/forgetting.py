@@ -355,13 +355,44 @@ def _commit() -> str:
     return done.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def _record_start(run: Run, argv: list[str]) -> None:
+# Machines of one kind (same CPU name, same kernels) have given runs that part in the 7th digit of the loss after a
+# few steps and end several OA points apart (docs/RESULTS.md, amendment 2 and "Results so far"). The hash of one
+# forward and backward pass at the runs' shapes, computed as the runs compute (their environment), tells whether two
+# machines compute alike.
+NUMERICS_PROBE = """
+import hashlib, torch
+torch.manual_seed(0)
+x = torch.randn(8, 128, 576, requires_grad=True)
+w_q, w_v, w_up = torch.randn(576, 576) / 24, torch.randn(192, 576) / 24, torch.randn(1536, 576) / 24
+for w in (w_q, w_v, w_up):
+    w.requires_grad_(True)
+q, v = x @ w_q.T, x @ w_v.T
+attention = torch.softmax(q[..., :192] @ q[..., 192:384].transpose(1, 2) / 8, dim=-1)
+loss = (torch.nn.functional.silu(torch.nn.functional.rms_norm(x, (576,)) @ w_up.T).sum() + (attention @ v).square().sum())
+loss.backward()
+digest = hashlib.sha256()
+for t in (loss.detach(), x.grad, w_q.grad, w_v.grad, w_up.grad):
+    digest.update(t.detach().numpy().tobytes())
+print(digest.hexdigest()[:16])
+"""
+
+
+def numerics_fingerprint(env: dict[str, str]) -> str:
+    """The probe's hash on this machine with the runs' environment (threads, kernels)."""
+    done = subprocess.run([sys.executable, "-c", NUMERICS_PROBE], env=env, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def _record_start(run: Run, argv: list[str], numerics: str | None = None) -> None:
     path = os.path.join(ROOT, run.output_dir, "run_info.json")
     info = {"starts": []}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             info = json.load(f)
-    info["starts"].append({"commit": _commit(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": argv[1:]})
+    start = {"commit": _commit(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": argv[1:]}
+    if numerics is not None:
+        start["numerics"] = numerics
+    info["starts"].append(start)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)
     os.replace(path + ".tmp", path)
@@ -400,6 +431,8 @@ def work(plan_name: str = "main", prefix: str = "") -> None:
         "PYTHONPATH": ROOT,
         **native_cpu_kernels(),
     }
+    numerics = numerics_fingerprint(env)
+    print(f"[{time.strftime('%H:%M:%S')}] this machine's numerics fingerprint: {numerics}", flush=True)
     while True:
         waiting = False
         for run in plan(plan_name):
@@ -415,7 +448,7 @@ def work(plan_name: str = "main", prefix: str = "") -> None:
             try:
                 if is_finished(run):
                     continue
-                _record_start(run, argv)
+                _record_start(run, argv, numerics)
                 print(f"[{time.strftime('%H:%M:%S')}] start {run.name}", flush=True)
                 with open(os.path.join(ROOT, run.output_dir, "train.log"), "a", encoding="utf-8") as log:
                     done = subprocess.run(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

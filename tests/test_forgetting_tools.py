@@ -356,3 +356,10 @@ def test_the_long_sequence_runs_evaluate_at_the_end_and_the_standard_cl_runs_eve
         argv = forgetting.command(runs[name])
         assert argv[argv.index("--eval_seen_tasks") + 1] == "at_end", name
     assert "--eval_seen_tasks" not in forgetting.command(runs["test/order1/inclora/seed43"])
+
+
+def test_the_numerics_fingerprint_is_stable_and_tells_kernels_apart():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2"}
+    first = forgetting.numerics_fingerprint(env)
+    assert len(first) == 16 and first == forgetting.numerics_fingerprint(env)
+    assert forgetting.numerics_fingerprint({**env, "ATEN_CPU_CAPABILITY": "default"}) != first
