@@ -167,7 +167,9 @@ def _layer(jump_fused, gamma):
 
 @pytest.mark.parametrize("path", ["layer", "variant"])
 def test_layer_fused_equals_reference_and_saves_no_dense_update(path):
-    x = torch.randn(2, 5, D_IN, requires_grad=True)
+    # seeded: with the global RNG the input depended on the tests run before, and some draws cancel τ's gradient (a
+    # sum over every entry in the band) down to where float32 rounding of either summation order passes 1e-5 of it
+    x = torch.randn(2, 5, D_IN, generator=torch.Generator().manual_seed(0)).requires_grad_()
     results = {}
     for fused in (True, False):
         layer = _layer(fused, 0.5)
