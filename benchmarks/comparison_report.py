@@ -1,6 +1,6 @@
 """The report of the pre-registered comparison (docs/RESULTS.md, "Against O-LoRA and PEFT's OSF"): Standard CL order 1
 with all seven methods, the protocol's paired differences with 95% intervals, the Long Sequence pair (order 4), and
-the methods' cost from `benchmarks/method_cost.py --json`.
+the methods' cost from `benchmarks/method_cost.py --json`, and each run with the commits and machines it ran on.
 
     python benchmarks/comparison_report.py --root runs/forgetting --out docs/results/comparison
     python benchmarks/comparison_report.py --root runs/forgetting --cost docs/results/comparison/method_cost.json --out docs/results/comparison
@@ -130,6 +130,39 @@ def pair_table(runs: dict, pairs) -> list[str]:
     ]
 
 
+def _starts(root: str, order: str, method: str, seed: int) -> list[dict]:
+    path = os.path.join(root, "test", order, method, f"seed{seed}", "run_info.json")
+    return json.load(open(path, encoding="utf-8")).get("starts", []) if os.path.exists(path) else []
+
+
+def runs_table(root: str, order: str, runs: dict, methods: tuple[str, ...]) -> list[str]:
+    """Each finished run with the commits and machines it ran on: one JumpLoRA run's result moves with the machine's
+    rounding (RESULTS, "The same run on three machines"), so every number here says where it came from."""
+    lines = [
+        "| method | seed | OA | BWT | commits | machine (numerics fingerprint) | started |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (method, seed), report in sorted(
+        ((key, report) for key, report in runs.items() if key[0] in methods),
+        key=lambda item: (methods.index(item[0][0]), item[0][1]),
+    ):
+        starts = _starts(root, order, method, seed)
+        row = summary(report, None)
+        commits = ", ".join(dict.fromkeys(s["commit"][:7] for s in starts if s.get("commit"))) or "–"
+        machines = ", ".join(dict.fromkeys(s.get("numerics") or "not recorded" for s in starts)) or "–"
+        started = starts[0]["time"][:16] if starts and starts[0].get("time") else "–"
+        lines.append(
+            f"| {display_name(method)} | {seed} | {100 * row['OA']:.1f} | {100 * row['BWT']:.1f} | {commits} | {machines} | "
+            f"{started} |"
+        )
+    return lines + [
+        "",
+        "Machine: `forgetting.py`'s hash of one forward and backward pass at the runs' shapes, recorded at each start "
+        "from 2026-12-06 on; a run that restarted lists every commit and machine it ran on.",
+        "",
+    ]
+
+
 def cost_table(path: str) -> list[str]:
     cost = json.load(open(path, encoding="utf-8"))
     first = cost["methods"][0]["runs"][0]
@@ -174,6 +207,8 @@ def main(argv=None) -> None:
     lines += pair_table(ls, [LS_PAIR])
     if options.cost:
         lines += ["## Cost per method", ""] + cost_table(options.cost)
+    lines += ["## The runs", "", "### Standard CL, order 1", ""] + runs_table(options.root, "order1", sc, SC_METHODS)
+    lines += ["### Long Sequence, order 4", ""] + runs_table(options.root, "order4", ls, LS_PAIR[::-1])
     unfinished = sc_unfinished + ls_unfinished
     if unfinished:
         lines += ["## Not finished (left out)", ""] + [f"- `{os.path.relpath(d, options.root)}`" for d in unfinished]

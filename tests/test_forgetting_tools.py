@@ -298,6 +298,15 @@ def test_the_comparison_report_has_every_method_the_protocol_pairs_and_the_long_
         _ls_report(runs, f"test/order4/jumplora_inclora/seed{seed}", 0.8 - 0.1 * (seed - 42))
     # a run with a task not yet evaluated is left out and listed
     _full_report(runs, "test/order1/osf/seed42", diag, [0.3, 0.5, 0.6, None])
+    # where a run came from: restarted once on another machine, and one from before fingerprints were recorded
+    starts = [
+        {"commit": "a" * 40, "time": "2026-12-06 06:20:11", "numerics": "6b952b65f754148e"},
+        {"commit": "b" * 40, "time": "2026-12-06 09:01:00", "numerics": "b89a64009b81b91d"},
+    ]
+    with open(os.path.join(runs, "test/order1/olora/seed43/run_info.json"), "w") as f:
+        json.dump({"starts": starts}, f)
+    with open(os.path.join(runs, "test/order1/olora/seed42/run_info.json"), "w") as f:
+        json.dump({"starts": [{"commit": "c" * 40, "time": "2026-12-05 18:33:19"}]}, f)
     cost = tmp_path / "cost.json"
     row = dict(method="inclora", trainable=460800, step_s=3.0, step_ratio=1.0, switch_s=0.2, peak_bytes=2**30)
     run = dict(device="cpu", threads=1)
@@ -316,6 +325,15 @@ def test_the_comparison_report_has_every_method_the_protocol_pairs_and_the_long_
     ls_pair = next(line for line in long_sequence.splitlines() if "JumpLoRA + IncLoRA − IncLoRA" in line)
     assert "| 42, 43, 44 | +3.3 [+1.7, +5.0] | +3.6 [+1.8, +5.3] |" in ls_pair
     assert "| IncLoRA | 460,800 | 3.00 | 1.00 | 0.20 | 1024 |" in text
+    runs_section = text[text.index("## The runs") :]
+    # O-LoRA seed 43: task a after all 0.4 → OA (0.4+0.5+0.6+0.8)/4, BWT (0.4−0.9)/3
+    assert (
+        "| O-LoRA | 43 | 57.5 | -16.7 | aaaaaaa, bbbbbbb | 6b952b65f754148e, b89a64009b81b91d | 2026-12-06 06:20 |"
+        in runs_section
+    )
+    assert "| O-LoRA | 42 | 52.5 | -23.3 | ccccccc | not recorded | 2026-12-05 18:33 |" in runs_section
+    assert "| JumpLoRA + O-LoRA | 44 | 57.5 | -16.7 | – | – | – |" in runs_section
+    assert runs_section.count("| JumpLoRA + IncLoRA | 4") == 3  # the Long Sequence runs, one row per seed
 
 
 def test_the_comparison_report_refuses_a_missing_root(tmp_path, capsys):
