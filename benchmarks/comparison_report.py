@@ -2,8 +2,11 @@
 with all seven methods, the protocol's paired differences with 95% intervals, the Long Sequence pair (order 4), and
 the methods' cost from `benchmarks/method_cost.py --json`, and each run with the commits and machines it ran on.
 
-    python benchmarks/comparison_report.py --root runs/forgetting --out docs/results/comparison
-    python benchmarks/comparison_report.py --root runs/forgetting --cost docs/results/comparison/method_cost.json --out docs/results/comparison
+    # from the finished runs' reports kept in the repo (what docs/results/comparison/report.md is made from):
+    python benchmarks/comparison_report.py --root docs/results/comparison/runs \
+        --cost docs/results/comparison/method_cost.json --out docs/results/comparison
+    # from a worker's run dirs (also lists the runs still going):
+    python benchmarks/comparison_report.py --root runs/forgetting --out /tmp/comparison
 
 Reads the runs of `benchmarks/forgetting.py work --plan comparison` (root/test/<order>/<method>/seed<seed>); a run
 counts when every task of its order has been evaluated. Unfinished runs are left out and listed; every cell says its
