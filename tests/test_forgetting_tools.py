@@ -336,6 +336,15 @@ def test_the_comparison_report_has_every_method_the_protocol_pairs_and_the_long_
     assert runs_section.count("| JumpLoRA + IncLoRA | 4") == 3  # the Long Sequence runs, one row per seed
 
 
+def test_the_committed_comparison_report_is_what_the_kept_run_reports_give(tmp_path):
+    """docs/results/comparison/report.md is regenerated from the reports copied into the repo, nothing else."""
+    kept = os.path.join(ROOT, "docs", "results", "comparison")
+    cost = os.path.join(kept, "method_cost.json")
+    comparison_tool.main(["--root", os.path.join(kept, "runs"), "--cost", cost, "--out", str(tmp_path)])
+    with open(os.path.join(kept, "report.md"), encoding="utf-8") as committed:
+        assert (tmp_path / "report.md").read_text(encoding="utf-8") == committed.read()
+
+
 def test_the_comparison_report_refuses_a_missing_root(tmp_path, capsys):
     import pytest
 
