@@ -1,22 +1,19 @@
 """The forgetting experiment's tooling: the pre-registered dev rule (benchmarks/forgetting.py) and the parallel pool
 (benchmarks/forgetting_pool.py) over a fake plan whose runs are tiny Python commands."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
+from tiny import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 forgetting = _load("forgetting")

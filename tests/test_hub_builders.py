@@ -1,13 +1,13 @@
 """The Hub builders of the benchmark folder, on small fake datasets with the Hub's column names (no network)."""
 
 import functools
-import importlib.util
 import json
 import os
 from collections import Counter
 
 import datasets
 import pytest
+from tiny import load_script
 
 from jumplora_hf.bench.cl_benchmark import load_cl_benchmark
 from jumplora_hf.bench.hub_builders import HUB_TASKS, ORDERS, HubLoadError, build_benchmark, build_task, sample_splits
@@ -343,12 +343,7 @@ def test_refuses_to_overwrite_before_loading(tmp_path):
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location(
-        "build_cl_benchmark", os.path.join(ROOT, "recipes", "build_cl_benchmark.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("recipes/build_cl_benchmark.py")
 
 
 def test_cli_offline_message(tmp_path, monkeypatch):

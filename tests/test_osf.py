@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 from peft import OSFConfig, PeftModel, get_peft_model
-from tiny import continual_args, task_stream, tiny_llama, tokenizer
+from tiny import continual_args, load_script, task_stream, tiny_llama, tokenizer
 from transformers import Seq2SeqTrainer, TrainerCallback
 
 from jumplora_hf import ContinualCallback, ContinualConfig, ContinualTrainer, JumpLoraConfig
@@ -138,8 +138,9 @@ def test_each_update_is_orthogonal_to_the_preserved_subspace(tmp_path, optim, bo
     boundaries = _Boundaries()
     trainer = _trainer(tmp_path, callbacks=[boundaries], optim=optim, learning_rate=0.5 if optim == "sgd" else 1e-2)
     report = trainer.train_continual(task_stream(3))
-    leaks, scaled = [], []
+    leaks, scaled, per_task_leaks = [], [], []
     for t, (start, end) in enumerate(zip(boundaries.starts, boundaries.ends)):
+        per_task_leaks.append({})
         for name, w0 in start.items():
             delta = end[name] - w0
             u, _, vh = torch.linalg.svd(w0, full_matrices=False)
@@ -149,7 +150,14 @@ def test_each_update_is_orthogonal_to_the_preserved_subspace(tmp_path, optim, bo
             assert norm > 0
             leak = max(float((u[:, :k].T @ delta).norm()), float((delta @ vh[:k].T).norm()))
             leaks.append(leak / norm)
+            per_task_leaks[-1][name] = leak / norm
             scaled.append(leak / float(w0.norm()))
+    # the after-the-fact measurement of the comparison's runs, from the ledger alone, is this one
+    from_ledger = load_script("benchmarks/osf_subspace.py").run_leaks(str(tmp_path), _model())
+    assert [sorted(task) for task in from_ledger] == [sorted(task) for task in per_task_leaks]
+    for measured, expected in zip(from_ledger, per_task_leaks):
+        for name, leak in expected.items():
+            assert measured[name] == pytest.approx(leak, abs=1e-4), name  # float64 SVD there, float32 here
     print(f"{optim}: max ‖U_highᵀΔW‖, ‖ΔW V_highᵀ‖ relative to ‖ΔW‖ {max(leaks):.3g}, to ‖W‖ {max(scaled):.3g}")
     if bound is not None:
         # SGD's step is the projected gradient, so ΔW = U·S·V − U0·S0·V0 is orthogonal up to the float32 rounding of

@@ -1,12 +1,12 @@
 """Per-run reports and the mean ± std table over seeds, on hand-built continual_metrics.json files."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from tiny import load_script
 
 from jumplora_hf.bench.aggregation import (
     PAPER_OA,
@@ -316,9 +316,7 @@ def test_aggregate_script(tmp_path):
         for name in PLOTS:
             assert_png(os.path.join(seed, name))
 
-    spec = importlib.util.spec_from_file_location("aggregate_recipe", os.path.join(ROOT, "recipes", "aggregate.py"))
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_script("recipes/aggregate.py")
     csv_text = recipe.main([*seeds, "--format", "csv"])
     assert csv_text.splitlines()[1].startswith("order1,jumplora_inclora,2,70,14.142136,")
     with pytest.raises(SystemExit, match="different task lists"):
@@ -333,11 +331,7 @@ def test_aggregate_script(tmp_path):
 
 
 def test_mean_matrices_script_averages_finished_runs(runs, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "mean_matrices", os.path.join(ROOT, "benchmarks", "mean_matrices.py")
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("benchmarks/mean_matrices.py")
     unfinished = make_report(
         acc=[[0.1, None, None], [0.1, 0.1, None]], tasks=("t0", "t1"), sparsity=(0.5, 0.6), jaccard=(None, 0.1)
     )

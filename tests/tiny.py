@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+from types import ModuleType
+
 import torch
 from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
@@ -10,7 +15,28 @@ from jumplora_hf.bench.synthetic import keyword_task, keyword_task_stream
 from jumplora_hf.thresholds import threshold_groups
 from jumplora_hf.zero import gathered_adapters
 
-__all__ = ["SurvivorProbe", "TINY_MODELS", "keyword_task", "task_stream", "tiny_llama", "tiny_t5", "tokenizer"]
+__all__ = [
+    "SurvivorProbe",
+    "TINY_MODELS",
+    "keyword_task",
+    "load_script",
+    "task_stream",
+    "tiny_llama",
+    "tiny_t5",
+    "tokenizer",
+]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(path: str) -> ModuleType:
+    """A script of the repo (`benchmarks/x.py`, `recipes/y.py`) imported as a module named after its file."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses of the script resolve their module
+    spec.loader.exec_module(module)
+    return module
 
 
 def tokenizer() -> ByT5Tokenizer:
