@@ -8,7 +8,8 @@ layer from the run's `continual_metrics.json`), and the leak of ΔW_t
 
     max(‖U_hᵀ ΔW_t‖_F, ‖ΔW_t V_h‖_F) / ‖ΔW_t‖_F
 
-as `tests/test_osf.py` measures it inside a run (0 for an update in the complement; SGD's updates give ~1e-4).
+as `tests/test_osf.py` measures it inside a run (0 for an update in the complement; SGD's updates give ~1e-4; an
+update in random directions about √(k_t / min(d_out, d_in))).
 
     python benchmarks/osf_subspace.py --model models/SmolLM2-135M-Instruct \
         --runs runs/forgetting/test/order1/osf/seed4[3-6] --out docs/results/comparison
@@ -75,7 +76,8 @@ def markdown(results: dict[str, list[dict[str, float]]]) -> str:
         "",
         "`benchmarks/osf_subspace.py`: max(‖U_hᵀΔW_t‖, ‖ΔW_t V_h‖) / ‖ΔW_t‖ per adapted layer, U_h / V_h the top-k_t "
         "singular vectors of the weight task t started from (rebuilt from the run's ledger), k_t the run's preserved "
-        "rank; 0 when the update stays in the complement PEFT projects the gradients onto.",
+        "rank; 0 when the update stays in the complement PEFT projects the gradients onto, about "
+        "√(k_t / min(d_out, d_in)) for an update blind to the subspace (random directions).",
         "",
         "| run | task | layers | mean | median | max |",
         "|---|---|---|---|---|---|",
