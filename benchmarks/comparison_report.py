@@ -149,21 +149,42 @@ def runs_table(root: str, order: str, runs: dict, methods: tuple[str, ...]) -> l
         ((key, report) for key, report in runs.items() if key[0] in methods),
         key=lambda item: (methods.index(item[0][0]), item[0][1]),
     ):
-        starts = _starts(root, order, method, seed)
         row = summary(report, None)
-        commits = ", ".join(dict.fromkeys(s["commit"][:7] for s in starts if s.get("commit"))) or "–"
-        machines = ", ".join(dict.fromkeys(s.get("numerics") or "not recorded" for s in starts)) or "–"
-        started = starts[0]["time"][:16] if starts and starts[0].get("time") else "–"
         lines.append(
-            f"| {display_name(method)} | {seed} | {100 * row['OA']:.1f} | {100 * row['BWT']:.1f} | {commits} | {machines} | "
-            f"{started} |"
+            f"| {display_name(method)} | {seed} | {100 * row['OA']:.1f} | {100 * row['BWT']:.1f} | "
+            f"{_provenance(root, order, method, seed)} |"
         )
-    return lines + [
-        "",
-        "Machine: `forgetting.py`'s hash of one forward and backward pass at the runs' shapes, recorded at each start "
-        "from 2026-12-06 on; a run that restarted lists every commit and machine it ran on.",
-        "",
+    return lines + ["", MACHINE_NOTE, ""]
+
+
+def a0_table(root: str, order: str, runs: dict) -> list[str]:
+    """The single-task runs FWT uses: each task's accuracy when trained alone from the base model, and provenance."""
+    seeds = sorted(seed for method, seed in runs if method == "single_task")
+    if not seeds:
+        return []
+    lines = [
+        "| seed | a0 per task (%) | commits | machine (numerics fingerprint) | started |",
+        "|---|---|---|---|---|",
     ]
+    for seed in seeds:
+        a0 = " ".join(f"{100 * a:.1f}" for a in runs["single_task", seed]["single_task_accuracies"])
+        lines.append(f"| {seed} | {a0} | {_provenance(root, order, 'single_task', seed)} |")
+    return lines + ["", MACHINE_NOTE, ""]
+
+
+MACHINE_NOTE = (
+    "Machine: `forgetting.py`'s hash of one forward and backward pass at the runs' shapes, recorded at each start "
+    "from 2026-12-06 on; a run that restarted lists every commit and machine it ran on."
+)
+
+
+def _provenance(root: str, order: str, method: str, seed: int) -> str:
+    """'commits | machines | started' of one run, from its run_info.json."""
+    starts = _starts(root, order, method, seed)
+    commits = ", ".join(dict.fromkeys(s["commit"][:7] for s in starts if s.get("commit"))) or "–"
+    machines = ", ".join(dict.fromkeys(s.get("numerics") or "not recorded" for s in starts)) or "–"
+    started = starts[0]["time"][:16] if starts and starts[0].get("time") else "–"
+    return f"{commits} | {machines} | {started}"
 
 
 def cost_table(path: str) -> list[str]:
@@ -211,6 +232,9 @@ def main(argv=None) -> None:
     if options.cost:
         lines += ["## Cost per method", ""] + cost_table(options.cost)
     lines += ["## The runs", "", "### Standard CL, order 1", ""] + runs_table(options.root, "order1", sc, SC_METHODS)
+    a0_rows = a0_table(options.root, "order1", sc)
+    if a0_rows:
+        lines += ["### Standard CL, order 1: the single-task runs (a0, for FWT)", ""] + a0_rows
     lines += ["### Long Sequence, order 4", ""] + runs_table(options.root, "order4", ls, LS_PAIR[::-1])
     unfinished = sc_unfinished + ls_unfinished
     if unfinished:

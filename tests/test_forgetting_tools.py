@@ -295,6 +295,15 @@ def test_the_comparison_report_has_every_method_the_protocol_pairs_and_the_long_
         _ls_report(runs, f"test/order4/jumplora_inclora/seed{seed}", 0.8 - 0.1 * (seed - 42))
     # a run with a task not yet evaluated is left out and listed
     _full_report(runs, "test/order1/osf/seed42", diag, [0.3, 0.5, 0.6, None])
+    for seed in (42, 43):  # the a0 runs of FWT, for two of the three seeds: each task 10 points below the diagonal
+        os.makedirs(os.path.join(runs, f"test/order1/single_task/seed{seed}"))
+        a0 = {
+            "tasks": ["a", "b", "c", "d"],
+            "single_task_baselines": True,
+            "single_task_accuracies": [0.8, 0.4, 0.5, 0.7],
+        }
+        with open(os.path.join(runs, f"test/order1/single_task/seed{seed}/continual_metrics.json"), "w") as f:
+            json.dump(a0, f)
     # where a run came from: restarted once on another machine, and one from before fingerprints were recorded
     starts = [
         {"commit": "a" * 40, "time": "2026-12-06 06:20:11", "numerics": "6b952b65f754148e"},
@@ -317,6 +326,9 @@ def test_the_comparison_report_has_every_method_the_protocol_pairs_and_the_long_
     pair = next(line for line in text.splitlines() if "| JumpLoRA + O-LoRA − O-LoRA |" in line)
     assert "+2.8 [+0.4, +5.2]" in pair and "42:+ 43:+ 44:+" in pair
     assert "| OSF (PEFT) − IncLoRA | – |" in text and "- `test/order1/osf/seed42`" in text
+    olora_row = next(line for line in text.splitlines() if line.startswith("| O-LoRA | 42, 43, 44 |"))
+    assert "| 10.0 ± 0.0 (n=2) |" in olora_row  # FWT where the seed has its a0 run
+    assert "| 43 | 80.0 40.0 50.0 70.0 | – | – | – |" in text[text.index("the single-task runs (a0") :]
     # Long Sequence, per seed: ΔOA = (0.6 − 0.1·k) / 15 (4.0, 3.3, 2.7 points), ΔBWT = (0.6 − 0.1·k) / 14
     long_sequence = text[text.index("## Long Sequence") :]
     ls_pair = next(line for line in long_sequence.splitlines() if "JumpLoRA + IncLoRA − IncLoRA" in line)
