@@ -11,8 +11,9 @@ layer from the run's `continual_metrics.json`), and the leak of ΔW_t
 as `tests/test_osf.py` measures it inside a run (0 for an update in the complement; SGD's updates give ~1e-4; an
 update in random directions about √(k_t / min(d_out, d_in))).
 
-    python benchmarks/osf_subspace.py --model models/SmolLM2-135M-Instruct \
-        --runs runs/forgetting/test/order1/osf/seed4[3-6] --out docs/results/comparison
+    # docs/results/comparison/osf_subspace.md, from a worker's run dirs (the ledgers are not kept in the repo):
+    cd runs/forgetting/test/order1 && PYTHONPATH=$REPO python $REPO/benchmarks/osf_subspace.py \
+        --model $REPO/models/SmolLM2-135M-Instruct --runs osf/seed4[3-6] --out $REPO/docs/results/comparison
 
 Writes `osf_subspace.json` (every layer) and `osf_subspace.md` (per run and task: mean and max over layers) to
 --out. Task 1 has no earlier update but its own preserved subspace (of W_0), so it is measured too.
@@ -30,7 +31,7 @@ import statistics  # noqa: E402
 
 import torch  # noqa: E402
 
-from jumplora_hf.ledger import PEFT_PREFIX, TaskLedger, load_model  # noqa: E402
+from jumplora_hf.ledger import TaskLedger, load_model, module_name  # noqa: E402
 
 
 def subspace_leak(weight: torch.Tensor, delta: torch.Tensor, k: int) -> float:
@@ -58,7 +59,7 @@ def run_leaks(run_dir: str, base_model: torch.nn.Module) -> list[dict[str, float
     weights: dict[str, torch.Tensor] = {}
     leaks = []
     for entry, task in zip(entries, report["per_task"]):
-        ranks = {name.removeprefix(PEFT_PREFIX): k for name, k in task["osf_preserved_rank"].items()}
+        ranks = {module_name(name): k for name, k in task["osf_preserved_rank"].items()}
         per_layer = {}
         for module, update in entry.layers().items():
             if module not in weights:
